@@ -1,1 +1,3 @@
+//! The `steer` command line.
+mod plot;
 fn main() {}

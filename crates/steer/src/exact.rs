@@ -11,7 +11,6 @@
 use ndarray::{Array1, Array2, Array3, ArrayView2, Axis};
 use rayon::prelude::*;
 
-use crate::error::Result;
 use crate::linalg;
 use crate::model::{Covariance, GaussianMixture, NoiseLevel};
 use crate::reward::RewardForm;
@@ -40,11 +39,19 @@ fn components(m: &GaussianMixture) -> Vec<Component> {
 
 fn spd_inverse_and_logdet(a: &Array2<f64>) -> (Array2<f64>, f64) {
     let l = linalg::cholesky(a.view()).expect("covariance stays positive definite");
-    (linalg::inverse_from_cholesky(l.view()), linalg::log_det_from_cholesky(l.view()))
+    (
+        linalg::inverse_from_cholesky(l.view()),
+        linalg::log_det_from_cholesky(l.view()),
+    )
 }
 
 /// `N(μ, Σ) e^{−½(x−x⋆)ᵀΛ(x−x⋆) + aᵀx} = Z N(μ̃, Σ̃)` (§11.2).
-fn tilt(c: &Component, precision: &Array2<f64>, centre: &Array1<f64>, linear: &Array1<f64>) -> Component {
+fn tilt(
+    c: &Component,
+    precision: &Array2<f64>,
+    centre: &Array1<f64>,
+    linear: &Array1<f64>,
+) -> Component {
     let (p, log_det) = spd_inverse_and_logdet(&c.cov);
     // cov = (Σ⁻¹ + Λ)⁻¹, so log det Σ̃ = −log det(Σ⁻¹ + Λ).
     let (cov, log_det_inv) = spd_inverse_and_logdet(&(&p + precision));
@@ -65,7 +72,8 @@ fn tilt(c: &Component, precision: &Array2<f64>, centre: &Array1<f64>, linear: &A
 fn anneal(c: &Component, gamma: f64) -> Component {
     let d = c.mean.len() as f64;
     let (_, log_det) = spd_inverse_and_logdet(&c.cov);
-    let log_z = 0.5 * d * (1.0 - gamma) * LOG_2PI + 0.5 * (1.0 - gamma) * log_det - 0.5 * d * gamma.ln();
+    let log_z =
+        0.5 * d * (1.0 - gamma) * LOG_2PI + 0.5 * (1.0 - gamma) * log_det - 0.5 * d * gamma.ln();
     Component {
         log_weight: gamma * c.log_weight + log_z,
         mean: c.mean.clone(),
@@ -113,7 +121,8 @@ fn to_mixture(comps: &[Component]) -> (GaussianMixture, f64) {
         cov.index_axis_mut(Axis(0), j).assign(&sym);
     }
     let weights = &weights / weights.sum();
-    let mixture = GaussianMixture::new(weights, means, Covariance::Full(cov)).expect("closed-form mixture is valid");
+    let mixture = GaussianMixture::new(weights, means, Covariance::Full(cov))
+        .expect("closed-form mixture is valid");
     (mixture, log_total)
 }
 
@@ -139,7 +148,12 @@ impl AnnealedMixture {
     /// Exact samples by rejection in rounds; candidate `i` of round `r` uses stream
     /// `(purpose, r, i)`. Also returns `log Ẑ`, the importance-sampling estimate of the
     /// normaliser from every candidate drawn (the ratio is bounded, so its error is small).
-    pub fn sample_with_log_normalizer(&self, n: usize, streams: &Streams, purpose: Purpose) -> (Array2<f64>, f64) {
+    pub fn sample_with_log_normalizer(
+        &self,
+        n: usize,
+        streams: &Streams,
+        purpose: Purpose,
+    ) -> (Array2<f64>, f64) {
         let d = self.base.dim();
         let mut accepted: Vec<f64> = Vec::with_capacity(n * d);
         let (mut ratio_sum, mut ratio_count) = (0.0, 0usize);
@@ -147,7 +161,8 @@ impl AnnealedMixture {
         let mut round = 0;
         while accepted.len() < n * d || ratio_count < 20_000 {
             let mut cand = Array2::zeros((batch, d));
-            self.envelope.sample_into(cand.view_mut(), streams, purpose, 2 * round);
+            self.envelope
+                .sample_into(cand.view_mut(), streams, purpose, 2 * round);
             let log_ratio = self.log_ratio(cand.view());
             let uniforms: Vec<f64> = (0..batch)
                 .into_par_iter()
@@ -156,18 +171,25 @@ impl AnnealedMixture {
             for i in 0..batch {
                 ratio_sum += (log_ratio[i] - self.log_max_ratio).exp();
                 ratio_count += 1;
-                if accepted.len() < n * d && uniforms[i] < (log_ratio[i] - self.log_max_ratio).exp() {
+                if accepted.len() < n * d && uniforms[i] < (log_ratio[i] - self.log_max_ratio).exp()
+                {
                     accepted.extend(cand.row(i).iter());
                 }
             }
             round += 1;
         }
-        let log_z = self.log_envelope_mass + self.log_max_ratio + (ratio_sum / ratio_count as f64).ln();
-        (Array2::from_shape_vec((n, d), accepted).expect("n × d"), log_z)
+        let log_z =
+            self.log_envelope_mass + self.log_max_ratio + (ratio_sum / ratio_count as f64).ln();
+        (
+            Array2::from_shape_vec((n, d), accepted).expect("n × d"),
+            log_z,
+        )
     }
 }
 
 /// A target law known exactly.
+// Built once per run; boxing the larger variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum ExactLaw {
     /// A Gaussian mixture, with `log Z = log ∫ q̃`.
@@ -188,8 +210,14 @@ impl ExactLaw {
         let mut factors: Vec<(GaussianMixture, f64)> = factors.to_vec();
         let mut quadratic = None;
         match reward {
-            Some(RewardForm::MixtureLogDensity { mixture, scale }) => factors.push((mixture.clone(), scale)),
-            Some(RewardForm::Quadratic { precision, centre, linear }) => quadratic = Some((precision, centre, linear)),
+            Some(RewardForm::MixtureLogDensity { mixture, scale }) => {
+                factors.push((mixture.clone(), scale))
+            }
+            Some(RewardForm::Quadratic {
+                precision,
+                centre,
+                linear,
+            }) => quadratic = Some((precision, centre, linear)),
             None => {}
         }
         if factors.is_empty() {
@@ -207,7 +235,10 @@ impl ExactLaw {
                 comps = product(&comps, &components(m));
             }
             let (mixture, log_normalizer) = to_mixture(&tilt_all(comps));
-            return Some(ExactLaw::Mixture { mixture, log_normalizer });
+            return Some(ExactLaw::Mixture {
+                mixture,
+                log_normalizer,
+            });
         }
         if factors.len() == 1 && factors[0].1 > 0.0 {
             let (base, gamma) = factors.pop().unwrap();
@@ -229,7 +260,10 @@ impl ExactLaw {
     /// estimate for annealed mixtures).
     pub fn sample(&self, n: usize, streams: &Streams, purpose: Purpose) -> (Array2<f64>, f64) {
         match self {
-            ExactLaw::Mixture { mixture, log_normalizer } => (mixture.sample(n, streams, purpose), *log_normalizer),
+            ExactLaw::Mixture {
+                mixture,
+                log_normalizer,
+            } => (mixture.sample(n, streams, purpose), *log_normalizer),
             ExactLaw::Annealed(a) => a.sample_with_log_normalizer(n, streams, purpose),
         }
     }
@@ -243,22 +277,6 @@ impl ExactLaw {
     }
 }
 
-/// Convenience: `Result`-free check that a factor list is made of mixtures of one dimension.
-pub fn same_dimension(factors: &[(GaussianMixture, f64)]) -> Result<()> {
-    if let Some((first, _)) = factors.first() {
-        for (m, _) in factors {
-            if m.dim() != first.dim() {
-                return Err(crate::Error::Dimension {
-                    context: "experts".into(),
-                    expected: first.dim(),
-                    found: m.dim(),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,7 +285,12 @@ mod tests {
 
     fn one_d(w: Array1<f64>, m: Vec<f64>, v: Array1<f64>) -> GaussianMixture {
         let k = m.len();
-        GaussianMixture::new(w, Array2::from_shape_vec((k, 1), m).unwrap(), Covariance::Isotropic(v)).unwrap()
+        GaussianMixture::new(
+            w,
+            Array2::from_shape_vec((k, 1), m).unwrap(),
+            Covariance::Isotropic(v),
+        )
+        .unwrap()
     }
 
     /// MATH.md §11.2 example: N(2, 0.25)², tilted by −x²/2, is N(16/9, 1/9) with log Z = −2.4091.
@@ -301,8 +324,14 @@ mod tests {
         let pos = x.iter().filter(|&&v| v > 0.0).count() as f64 / n as f64;
         let se = (var / n as f64).sqrt();
         assert!((mean - 0.636).abs() < 2e-3 + 4.0 * se, "mean {mean}");
-        assert!((var - 4.701).abs() < 5e-3 + 4.0 * var * (2.0 / n as f64).sqrt(), "var {var}");
-        assert!((pos - 0.574).abs() < 2e-3 + 4.0 * (0.25 / n as f64).sqrt(), "P(x>0) {pos}");
+        assert!(
+            (var - 4.701).abs() < 5e-3 + 4.0 * var * (2.0 / n as f64).sqrt(),
+            "var {var}"
+        );
+        assert!(
+            (pos - 0.574).abs() < 2e-3 + 4.0 * (0.25 / n as f64).sqrt(),
+            "P(x>0) {pos}"
+        );
         assert!((log_z - (-2.843)).abs() < 3e-3, "log Z {log_z}");
     }
 
@@ -313,7 +342,13 @@ mod tests {
         let a = one_d(array![0.4, 0.6], vec![-1.0, 1.5], array![0.5, 0.8]);
         let b = one_d(array![0.5, 0.5], vec![0.0, 2.0], array![1.0, 0.3]);
         let law = ExactLaw::new(&[(a.clone(), 1.0), (b.clone(), 1.0)], None).unwrap();
-        let ExactLaw::Mixture { mixture, log_normalizer } = &law else { panic!("closed form expected") };
+        let ExactLaw::Mixture {
+            mixture,
+            log_normalizer,
+        } = &law
+        else {
+            panic!("closed form expected")
+        };
         let grid = Array2::from_shape_fn((20_001, 1), |(i, _)| -10.0 + 20.0 * i as f64 / 20_000.0);
         let la = a.component_log_densities(&NoiseLevel::data(), grid.view());
         let lb = b.component_log_densities(&NoiseLevel::data(), grid.view());

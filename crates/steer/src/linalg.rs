@@ -97,7 +97,11 @@ mod tests {
         let l = cholesky(a.view()).unwrap();
         assert!((l.dot(&l.t()) - &a).iter().all(|v| v.abs() < 1e-14));
         let inv = inverse_from_cholesky(l.view());
-        assert!((inv.dot(&a) - Array2::<f64>::eye(3)).iter().all(|v| v.abs() < 1e-14));
+        assert!(
+            (inv.dot(&a) - Array2::<f64>::eye(3))
+                .iter()
+                .all(|v| v.abs() < 1e-14)
+        );
         // det by cofactor expansion: 4(6-0.04) - 1(2-0.1) + 0.5(0.2-1.5) = 21.31
         assert!((log_det_from_cholesky(l.view()) - 21.31f64.ln()).abs() < 1e-12);
         assert_eq!(cholesky(array![[1.0, 2.0], [2.0, 1.0]].view()), Err(1));

@@ -74,10 +74,17 @@ impl Scheme {
 }
 
 /// Walks the cumulative weights once for non-decreasing uniforms in `[0, 1)`.
-fn inverse_cdf(weights: ArrayView1<f64>, uniforms: impl Iterator<Item = f64>, out: &mut Vec<usize>) {
+fn inverse_cdf(
+    weights: ArrayView1<f64>,
+    uniforms: impl Iterator<Item = f64>,
+    out: &mut Vec<usize>,
+) {
     // Clamp to the last particle with positive weight, so rounding in the cumulative sum can
     // never select a particle of weight zero.
-    let last = weights.iter().rposition(|&w| w > 0.0).unwrap_or(weights.len() - 1);
+    let last = weights
+        .iter()
+        .rposition(|&w| w > 0.0)
+        .unwrap_or(weights.len() - 1);
     let total: f64 = weights.sum();
     let mut i = 0;
     let mut cumulative = weights[0] / total;
@@ -91,7 +98,12 @@ fn inverse_cdf(weights: ArrayView1<f64>, uniforms: impl Iterator<Item = f64>, ou
 }
 
 /// `m` sorted uniforms in O(m) from normalised exponential spacings, then inverse CDF.
-fn multinomial<R: Rng + ?Sized>(weights: ArrayView1<f64>, m: usize, rng: &mut R, out: &mut Vec<usize>) {
+fn multinomial<R: Rng + ?Sized>(
+    weights: ArrayView1<f64>,
+    m: usize,
+    rng: &mut R,
+    out: &mut Vec<usize>,
+) {
     let mut spacings: Vec<f64> = Vec::with_capacity(m + 1);
     let mut total = 0.0;
     for _ in 0..=m {
@@ -102,7 +114,12 @@ fn multinomial<R: Rng + ?Sized>(weights: ArrayView1<f64>, m: usize, rng: &mut R,
     inverse_cdf(weights, spacings[..m].iter().map(|s| s / total), out);
 }
 
-fn residual<R: Rng + ?Sized>(weights: ArrayView1<f64>, m: usize, rng: &mut R, out: &mut Vec<usize>) {
+fn residual<R: Rng + ?Sized>(
+    weights: ArrayView1<f64>,
+    m: usize,
+    rng: &mut R,
+    out: &mut Vec<usize>,
+) {
     let total: f64 = weights.sum();
     let mut residuals = Vec::with_capacity(weights.len());
     let mut deterministic = 0;

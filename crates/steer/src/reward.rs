@@ -108,7 +108,10 @@ impl Quadratic {
     pub fn new(centre: Array1<f64>, strength: f64) -> Result<Self> {
         finite("reward.centre", centre.iter())?;
         if !(strength.is_finite() && strength >= 0.0) {
-            return Err(Error::invalid("reward.strength", format!("must be finite and ≥ 0, got {strength}")));
+            return Err(Error::invalid(
+                "reward.strength",
+                format!("must be finite and ≥ 0, got {strength}"),
+            ));
         }
         Ok(Quadratic { centre, strength })
     }
@@ -124,14 +127,23 @@ impl Reward for Quadratic {
         let lam = self.strength;
         if let Some(mut v) = out.value {
             Zip::from(&mut v).and(x.rows()).par_for_each(|v, row| {
-                let d2: f64 = row.iter().zip(self.centre.iter()).map(|(a, c)| (a - c) * (a - c)).sum();
+                let d2: f64 = row
+                    .iter()
+                    .zip(self.centre.iter())
+                    .map(|(a, c)| (a - c) * (a - c))
+                    .sum();
                 *v = -0.5 * lam * d2;
             });
         }
         if let Some(mut g) = out.gradient {
-            Zip::from(g.rows_mut()).and(x.rows()).par_for_each(|mut g, row| {
-                Zip::from(&mut g).and(&row).and(&self.centre).for_each(|g, &a, &c| *g = -lam * (a - c));
-            });
+            Zip::from(g.rows_mut())
+                .and(x.rows())
+                .par_for_each(|mut g, row| {
+                    Zip::from(&mut g)
+                        .and(&row)
+                        .and(&self.centre)
+                        .for_each(|g, &a, &c| *g = -lam * (a - c));
+                });
         }
         if let Some(mut l) = out.laplacian {
             l.fill(-lam * self.dim() as f64);
@@ -165,7 +177,11 @@ impl MixtureLogDensity {
             return Err(Error::invalid("reward.scale", "must be finite"));
         }
         let clean = mixture.noised(&NoiseLevel::data());
-        Ok(MixtureLogDensity { mixture, clean, scale })
+        Ok(MixtureLogDensity {
+            mixture,
+            clean,
+            scale,
+        })
     }
 }
 
@@ -243,7 +259,11 @@ mod tests {
         let (mut v, mut g, mut l) = (Array1::zeros(n), Array2::zeros(x.dim()), Array1::zeros(n));
         r.evaluate(
             x,
-            RewardOutput { value: Some(v.view_mut()), gradient: Some(g.view_mut()), laplacian: Some(l.view_mut()) },
+            RewardOutput {
+                value: Some(v.view_mut()),
+                gradient: Some(g.view_mut()),
+                laplacian: Some(l.view_mut()),
+            },
         )
         .unwrap();
         (v, g, l)
@@ -270,7 +290,14 @@ mod tests {
             let (v, g, l) = eval(r.as_ref(), x.view());
             // Value-only evaluation agrees with the full one.
             let mut v_only = Array1::zeros(2);
-            r.evaluate(x.view(), RewardOutput { value: Some(v_only.view_mut()), ..Default::default() }).unwrap();
+            r.evaluate(
+                x.view(),
+                RewardOutput {
+                    value: Some(v_only.view_mut()),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             assert!((&v_only - &v).iter().all(|e| e.abs() < 1e-14));
             for i in 0..2 {
                 let mut lap = 0.0;
@@ -282,10 +309,18 @@ mod tests {
                     let (vp, gp, _) = eval(r.as_ref(), xp.view());
                     let (vm, gm, _) = eval(r.as_ref(), xm.view());
                     let fd = (vp[i] - vm[i]) / (2.0 * h);
-                    assert!((fd - g[[i, c]]).abs() < 1e-6 * (1.0 + fd.abs()), "{r:?}: grad {fd} vs {}", g[[i, c]]);
+                    assert!(
+                        (fd - g[[i, c]]).abs() < 1e-6 * (1.0 + fd.abs()),
+                        "{r:?}: grad {fd} vs {}",
+                        g[[i, c]]
+                    );
                     lap += (gp[[i, c]] - gm[[i, c]]) / (2.0 * h);
                 }
-                assert!((lap - l[i]).abs() < 1e-6 * (1.0 + lap.abs()), "{r:?}: lap {lap} vs {}", l[i]);
+                assert!(
+                    (lap - l[i]).abs() < 1e-6 * (1.0 + lap.abs()),
+                    "{r:?}: lap {lap} vs {}",
+                    l[i]
+                );
             }
         }
         assert!(Quadratic::new(array![0.0], -1.0).is_err());

@@ -41,7 +41,10 @@ impl Schedule {
             if v.is_finite() && v > 0.0 {
                 Ok(())
             } else {
-                Err(Error::invalid(field, format!("must be finite and > 0, got {v}")))
+                Err(Error::invalid(
+                    field,
+                    format!("must be finite and > 0, got {v}"),
+                ))
             }
         };
         match *self {
@@ -234,10 +237,16 @@ impl TimeGrid {
             return Err(Error::invalid("steps", "must be at least 1"));
         }
         if !(eta.is_finite() && eta >= 0.0) {
-            return Err(Error::invalid("schedule.eta", format!("must be ≥ 0, got {eta}")));
+            return Err(Error::invalid(
+                "schedule.eta",
+                format!("must be ≥ 0, got {eta}"),
+            ));
         }
         if !(tau_min.is_finite() && tau_min >= 0.0) {
-            return Err(Error::invalid("schedule.tau_min", format!("must be ≥ 0, got {tau_min}")));
+            return Err(Error::invalid(
+                "schedule.tau_min",
+                format!("must be ≥ 0, got {tau_min}"),
+            ));
         }
         let limit = schedule.default_tau_max();
         if !(tau_max.is_finite() && tau_max > tau_min && tau_max <= limit * (1.0 + 1e-12)) {
@@ -257,7 +266,10 @@ impl TimeGrid {
                     return Err(Error::invalid("schedule.rho", "must be > 0"));
                 }
                 if tau_min <= 0.0 {
-                    return Err(Error::invalid("schedule.tau_min", "the EDM grid needs σ_min > 0"));
+                    return Err(Error::invalid(
+                        "schedule.tau_min",
+                        "the EDM grid needs σ_min > 0",
+                    ));
                 }
                 let (a, b) = (tau_max.powf(1.0 / rho), tau_min.powf(1.0 / rho));
                 (0..=steps)
@@ -385,11 +397,17 @@ mod tests {
                 let tau = frac * s.horizon();
                 let h = 1e-5 * s.horizon();
                 let f = -(s.log_alpha(tau + h) - s.log_alpha(tau - h)) / (2.0 * h);
-                assert!((f - s.drift_coefficient(tau)).abs() < 1e-6 * (1.0 + f.abs()), "{s:?}");
+                assert!(
+                    (f - s.drift_coefficient(tau)).abs() < 1e-6 * (1.0 + f.abs()),
+                    "{s:?}"
+                );
                 let ds2 = (s.sigma(tau + h).powi(2) - s.sigma(tau - h).powi(2)) / (2.0 * h);
                 let u2 = ds2 + 2.0 * f * s.sigma(tau).powi(2);
                 let want = s.diffusion_squared(tau);
-                assert!((u2 - want).abs() < 1e-6 * (1.0 + want), "{s:?}: {u2} vs {want}");
+                assert!(
+                    (u2 - want).abs() < 1e-6 * (1.0 + want),
+                    "{s:?}: {u2} vs {want}"
+                );
                 if !s.is_variance_exploding() {
                     let a = s.alpha(tau);
                     assert!((a * a + s.sigma(tau).powi(2) - 1.0).abs() < 1e-12);
@@ -410,7 +428,13 @@ mod tests {
                 let simpson = |g: &dyn Fn(f64) -> f64| {
                     (0..=n)
                         .map(|i| {
-                            let w = if i == 0 || i == n { 1.0 } else if i % 2 == 1 { 4.0 } else { 2.0 };
+                            let w = if i == 0 || i == n {
+                                1.0
+                            } else if i % 2 == 1 {
+                                4.0
+                            } else {
+                                2.0
+                            };
                             w * g(st.tau.1 + i as f64 * h)
                         })
                         .sum::<f64>()
@@ -419,7 +443,11 @@ mod tests {
                 };
                 let u = simpson(&|x| s.diffusion_squared(x));
                 let f = simpson(&|x| s.drift_coefficient(x));
-                assert!((u - st.diffusion).abs() < 1e-7 * (1.0 + u), "{s:?} U: {u} vs {}", st.diffusion);
+                assert!(
+                    (u - st.diffusion).abs() < 1e-7 * (1.0 + u),
+                    "{s:?} U: {u} vs {}",
+                    st.diffusion
+                );
                 assert!((f - st.drift).abs() < 1e-7 * (1.0 + f), "{s:?} F");
                 assert!((st.noise - 0.25 * st.diffusion).abs() < 1e-15 * (1.0 + u));
             }

@@ -13,7 +13,9 @@
 //! in fixed chunks in parallel, so results do not depend on the thread count.
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Slice};
+use ndarray::{
+    Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Slice,
+};
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
@@ -53,7 +55,10 @@ impl GaussianMixture {
     pub fn new(weights: Array1<f64>, means: Array2<f64>, covariance: Covariance) -> Result<Self> {
         let k = weights.len();
         if k == 0 {
-            return Err(Error::invalid("weights", "a mixture needs at least one component"));
+            return Err(Error::invalid(
+                "weights",
+                "a mixture needs at least one component",
+            ));
         }
         if let Some(j) = weights.iter().position(|w| !w.is_finite() || *w < 0.0) {
             return Err(Error::invalid(
@@ -63,7 +68,10 @@ impl GaussianMixture {
         }
         let total = weights.sum();
         if (total - 1.0).abs() > 1e-6 {
-            return Err(Error::invalid("weights", format!("must sum to 1, sum is {total}")));
+            return Err(Error::invalid(
+                "weights",
+                format!("must sum to 1, sum is {total}"),
+            ));
         }
         if means.nrows() != k {
             return Err(Error::Dimension {
@@ -164,13 +172,14 @@ impl GaussianMixture {
                 let mut log_norm = Array1::zeros(k);
                 let mut trace = Array1::zeros(k);
                 for j in 0..k {
-                    let c = cov.index_axis(Axis(0), j).mapv(|v| v * a2) + Array2::<f64>::eye(d) * s2;
+                    let c =
+                        cov.index_axis(Axis(0), j).mapv(|v| v * a2) + Array2::<f64>::eye(d) * s2;
                     // Validated positive definite at construction; α²Σ + σ²I stays so.
                     let l = linalg::cholesky(c.view()).expect("noised covariance is SPD");
                     let p = linalg::inverse_from_cholesky(l.view());
                     trace[j] = p.diag().sum();
-                    log_norm[j] =
-                        log_weights[j] - 0.5 * (d as f64 * LOG_2PI + linalg::log_det_from_cholesky(l.view()));
+                    log_norm[j] = log_weights[j]
+                        - 0.5 * (d as f64 * LOG_2PI + linalg::log_det_from_cholesky(l.view()));
                     precision.index_axis_mut(Axis(0), j).assign(&p);
                 }
                 NoisedMixture {
@@ -184,7 +193,13 @@ impl GaussianMixture {
     }
 
     /// Fills `x` (`n × d`) with exact samples; row `i` uses stream `(purpose, step, i)`.
-    pub fn sample_into(&self, mut x: ArrayViewMut2<f64>, streams: &Streams, purpose: Purpose, step: usize) {
+    pub fn sample_into(
+        &self,
+        mut x: ArrayViewMut2<f64>,
+        streams: &Streams,
+        purpose: Purpose,
+        step: usize,
+    ) {
         x.axis_iter_mut(Axis(0))
             .into_par_iter()
             .enumerate()
@@ -310,7 +325,11 @@ fn validate_covariance(cov: &Covariance, k: usize, d: usize) -> Result<Option<Ar
     match cov {
         Covariance::Isotropic(v) => {
             if v.len() != k {
-                return Err(bad_shape("isotropic (one variance per component)", v.len(), k));
+                return Err(bad_shape(
+                    "isotropic (one variance per component)",
+                    v.len(),
+                    k,
+                ));
             }
             if let Some(j) = v.iter().position(|x| !(x.is_finite() && *x > 0.0)) {
                 return Err(Error::NotPositiveDefinite {
@@ -342,10 +361,18 @@ fn validate_covariance(cov: &Covariance, k: usize, d: usize) -> Result<Option<Ar
         Covariance::Full(c) => {
             let shape = c.shape();
             if shape[0] != k {
-                return Err(bad_shape("covariances (one matrix per component)", shape[0], k));
+                return Err(bad_shape(
+                    "covariances (one matrix per component)",
+                    shape[0],
+                    k,
+                ));
             }
             if shape[1] != d || shape[2] != d {
-                return Err(bad_shape("covariances (d × d matrices)", shape[1].max(shape[2]), d));
+                return Err(bad_shape(
+                    "covariances (d × d matrices)",
+                    shape[1].max(shape[2]),
+                    d,
+                ));
             }
             let mut factors = Array3::zeros((k, d, d));
             for j in 0..k {
@@ -401,6 +428,9 @@ pub struct NoisedMixture {
     precision: Precision,
 }
 
+/// One parallel task: first row, score rows, optional log-density and divergence rows.
+type Task<'a> = (usize, &'a mut [f64], Option<&'a mut [f64]>, Option<&'a mut [f64]>);
+
 /// Per-task scratch buffers (allocated once per parallel chunk, never per particle).
 struct Scratch {
     /// `rows × K` log-components `Φ_j`.
@@ -418,8 +448,16 @@ impl Scratch {
         Scratch {
             phi: Array2::zeros((rows, k)),
             e_norm2: Array2::zeros((rows, k)),
-            projected: if full { Array3::zeros((k, rows, d)) } else { Array3::zeros((0, 0, 0)) },
-            diff: if full { Array2::zeros((rows, d)) } else { Array2::zeros((0, 0)) },
+            projected: if full {
+                Array3::zeros((k, rows, d))
+            } else {
+                Array3::zeros((0, 0, 0))
+            },
+            diff: if full {
+                Array2::zeros((rows, d))
+            } else {
+                Array2::zeros((0, 0))
+            },
         }
     }
 }
@@ -492,12 +530,15 @@ impl NoisedMixture {
             });
         }
         let x = x.as_standard_layout();
-        let score = score.as_slice_mut().ok_or_else(|| Error::Unsupported("score buffer must be contiguous".into()))?;
+        let score = score
+            .as_slice_mut()
+            .ok_or_else(|| Error::Unsupported("score buffer must be contiguous".into()))?;
         let mut log_density = log_density;
         let mut divergence = divergence;
         let logp = log_density.as_mut().and_then(|v| v.as_slice_mut());
         let div = divergence.as_mut().and_then(|v| v.as_slice_mut());
-        let mut tasks: Vec<(usize, &mut [f64], Option<&mut [f64]>, Option<&mut [f64]>)> = Vec::new();
+        let mut tasks: Vec<Task<'_>> =
+            Vec::new();
         let mut logp_chunks = logp.map(|v| v.chunks_mut(CHUNK));
         let mut div_chunks = div.map(|v| v.chunks_mut(CHUNK));
         for (c, sc) in score.chunks_mut(CHUNK * d).enumerate() {
@@ -505,16 +546,14 @@ impl NoisedMixture {
             let dv = div_chunks.as_mut().and_then(|it| it.next());
             tasks.push((c * CHUNK, sc, l, dv));
         }
-        tasks
-            .into_par_iter()
-            .for_each_init(
-                || Scratch::new(CHUNK, k, d, &self.precision),
-                |scratch, (start, sc, l, dv)| {
-                    let rows = sc.len() / d;
-                    let xs = x.slice_axis(Axis(0), Slice::from(start..start + rows));
-                    self.chunk(xs, scratch, sc, l, dv);
-                },
-            );
+        tasks.into_par_iter().for_each_init(
+            || Scratch::new(CHUNK, k, d, &self.precision),
+            |scratch, (start, sc, l, dv)| {
+                let rows = sc.len() / d;
+                let xs = x.slice_axis(Axis(0), Slice::from(start..start + rows));
+                self.chunk(xs, scratch, sc, l, dv);
+            },
+        );
         Ok(())
     }
 
@@ -554,7 +593,9 @@ impl NoisedMixture {
                 match &self.precision {
                     Precision::Diagonal(p) => {
                         let (m, pj) = (self.means.row(j), p.row(j));
-                        for (((s, &xv), &mv), &pv) in s_row.iter_mut().zip(xr.iter()).zip(m.iter()).zip(pj.iter()) {
+                        for (((s, &xv), &mv), &pv) in
+                            s_row.iter_mut().zip(xr.iter()).zip(m.iter()).zip(pj.iter())
+                        {
                             *s += rho * (mv - xv) * pv;
                         }
                     }
@@ -606,7 +647,12 @@ mod tests {
     fn mixtures() -> Vec<GaussianMixture> {
         let w = array![0.2, 0.5, 0.3];
         let means = array![[-1.0, 0.5, 2.0], [1.5, -0.5, 0.0], [0.0, 2.0, -1.0]];
-        let iso = GaussianMixture::new(w.clone(), means.clone(), Covariance::Isotropic(array![0.3, 0.8, 0.5])).unwrap();
+        let iso = GaussianMixture::new(
+            w.clone(),
+            means.clone(),
+            Covariance::Isotropic(array![0.3, 0.8, 0.5]),
+        )
+        .unwrap();
         let diag = GaussianMixture::new(
             w.clone(),
             means.clone(),
@@ -628,19 +674,38 @@ mod tests {
 
     fn schedules() -> Vec<Schedule> {
         vec![
-            Schedule::VpLinear { beta_min: 0.1, beta_max: 20.0, horizon: 1.0 },
-            Schedule::VpCosine { offset: 0.008, horizon: 1.0 },
+            Schedule::VpLinear {
+                beta_min: 0.1,
+                beta_max: 20.0,
+                horizon: 1.0,
+            },
+            Schedule::VpCosine {
+                offset: 0.008,
+                horizon: 1.0,
+            },
             Schedule::VeEdm { sigma_max: 80.0 },
         ]
     }
 
-    fn eval(m: &GaussianMixture, level: &NoiseLevel, x: ArrayView2<f64>) -> (Array2<f64>, Array1<f64>, Array1<f64>) {
+    fn eval(
+        m: &GaussianMixture,
+        level: &NoiseLevel,
+        x: ArrayView2<f64>,
+    ) -> (Array2<f64>, Array1<f64>, Array1<f64>) {
         let n = x.nrows();
         let mut s = Array2::zeros((n, m.dim()));
         let mut l = Array1::zeros(n);
         let mut dv = Array1::zeros(n);
-        m.evaluate(level, x, ScoreOutput { score: s.view_mut(), log_density: Some(l.view_mut()), divergence: Some(dv.view_mut()) })
-            .unwrap();
+        m.evaluate(
+            level,
+            x,
+            ScoreOutput {
+                score: s.view_mut(),
+                log_density: Some(l.view_mut()),
+                divergence: Some(dv.view_mut()),
+            },
+        )
+        .unwrap();
         (s, l, dv)
     }
 
@@ -669,11 +734,20 @@ mod tests {
                             let (sm, lm, _) = eval(&m, &level, xm.view());
                             let fd = (lp[0] - lm[0]) / (2.0 * h);
                             let tol = 1e-6 * (1.0 + s[[r, c]].abs());
-                            assert!((fd - s[[r, c]]).abs() < tol, "{:?} {sch:?} τ={tau}: score {fd} vs {}", m.covariance(), s[[r, c]]);
+                            assert!(
+                                (fd - s[[r, c]]).abs() < tol,
+                                "{:?} {sch:?} τ={tau}: score {fd} vs {}",
+                                m.covariance(),
+                                s[[r, c]]
+                            );
                             lap += (sp[[0, c]] - sm[[0, c]]) / (2.0 * h);
                         }
                         let tol = 1e-5 * (1.0 + dv[r].abs());
-                        assert!((lap - dv[r]).abs() < tol, "{sch:?} τ={tau}: div {lap} vs {}", dv[r]);
+                        assert!(
+                            (lap - dv[r]).abs() < tol,
+                            "{sch:?} τ={tau}: div {lap} vs {}",
+                            dv[r]
+                        );
                     }
                 }
             }
@@ -686,13 +760,29 @@ mod tests {
     fn forms_agree_and_density_is_normalised() {
         let w = array![0.4, 0.6];
         let means = array![[0.0, 1.0], [2.0, -1.0]];
-        let iso = GaussianMixture::new(w.clone(), means.clone(), Covariance::Isotropic(array![0.5, 2.0])).unwrap();
-        let diag = GaussianMixture::new(w.clone(), means.clone(), Covariance::Diagonal(array![[0.5, 0.5], [2.0, 2.0]])).unwrap();
+        let iso = GaussianMixture::new(
+            w.clone(),
+            means.clone(),
+            Covariance::Isotropic(array![0.5, 2.0]),
+        )
+        .unwrap();
+        let diag = GaussianMixture::new(
+            w.clone(),
+            means.clone(),
+            Covariance::Diagonal(array![[0.5, 0.5], [2.0, 2.0]]),
+        )
+        .unwrap();
         let mut c = Array3::zeros((2, 2, 2));
-        c.index_axis_mut(Axis(0), 0).assign(&(Array2::<f64>::eye(2) * 0.5));
-        c.index_axis_mut(Axis(0), 1).assign(&(Array2::<f64>::eye(2) * 2.0));
+        c.index_axis_mut(Axis(0), 0)
+            .assign(&(Array2::<f64>::eye(2) * 0.5));
+        c.index_axis_mut(Axis(0), 1)
+            .assign(&(Array2::<f64>::eye(2) * 2.0));
         let full = GaussianMixture::new(w, means, Covariance::Full(c)).unwrap();
-        let level = NoiseLevel { tau: 0.3, alpha: 0.8, sigma: 0.6 };
+        let level = NoiseLevel {
+            tau: 0.3,
+            alpha: 0.8,
+            sigma: 0.6,
+        };
         let x = array![[0.1, 0.2], [3.0, -2.0], [-1.0, 5.0]];
         let (s0, l0, d0) = eval(&iso, &level, x.view());
         for m in [&diag, &full] {
@@ -702,13 +792,16 @@ mod tests {
             assert!((dv - &d0).iter().all(|v| v.abs() < 1e-12));
         }
         // Direct formula for point 0.
-        let dens: f64 = [(0.4f64, [0.0f64, 0.8], 0.64f64 * 0.5 + 0.36), (0.6, [1.6, -0.8], 0.64 * 2.0 + 0.36)]
-            .iter()
-            .map(|(p, m, v)| {
-                let q = ((0.1 - m[0]) * (0.1 - m[0]) + (0.2 - m[1]) * (0.2 - m[1])) / v;
-                p * (-0.5 * q).exp() / (2.0 * std::f64::consts::PI * v)
-            })
-            .sum();
+        let dens: f64 = [
+            (0.4f64, [0.0f64, 0.8], 0.64f64 * 0.5 + 0.36),
+            (0.6, [1.6, -0.8], 0.64 * 2.0 + 0.36),
+        ]
+        .iter()
+        .map(|(p, m, v)| {
+            let q = ((0.1 - m[0]) * (0.1 - m[0]) + (0.2 - m[1]) * (0.2 - m[1])) / v;
+            p * (-0.5 * q).exp() / (2.0 * std::f64::consts::PI * v)
+        })
+        .sum();
         assert!((l0[0] - dens.ln()).abs() < 1e-12);
     }
 
@@ -736,17 +829,39 @@ mod tests {
     #[test]
     fn invalid_mixtures_are_rejected() {
         let means = array![[0.0], [1.0]];
-        let e = GaussianMixture::new(array![0.5, 0.6], means.clone(), Covariance::Isotropic(array![1.0, 1.0]));
+        let e = GaussianMixture::new(
+            array![0.5, 0.6],
+            means.clone(),
+            Covariance::Isotropic(array![1.0, 1.0]),
+        );
         assert!(matches!(e, Err(Error::Invalid { ref field, .. }) if field == "weights"));
-        let e = GaussianMixture::new(array![-0.5, 1.5], means.clone(), Covariance::Isotropic(array![1.0, 1.0]));
+        let e = GaussianMixture::new(
+            array![-0.5, 1.5],
+            means.clone(),
+            Covariance::Isotropic(array![1.0, 1.0]),
+        );
         assert!(matches!(e, Err(Error::Invalid { ref field, .. }) if field == "weights[0]"));
-        let e = GaussianMixture::new(array![0.5, 0.5], means.clone(), Covariance::Isotropic(array![1.0, -1.0]));
-        assert!(matches!(e, Err(Error::NotPositiveDefinite { component: 1, .. })));
+        let e = GaussianMixture::new(
+            array![0.5, 0.5],
+            means.clone(),
+            Covariance::Isotropic(array![1.0, -1.0]),
+        );
+        assert!(matches!(
+            e,
+            Err(Error::NotPositiveDefinite { component: 1, .. })
+        ));
         let mut c = Array3::zeros((2, 1, 1));
         c[[0, 0, 0]] = 1.0;
         let e = GaussianMixture::new(array![0.5, 0.5], means.clone(), Covariance::Full(c));
-        assert!(matches!(e, Err(Error::NotPositiveDefinite { component: 1, .. })));
-        let e = GaussianMixture::new(array![0.5, 0.5], array![[0.0], [f64::NAN]], Covariance::Isotropic(array![1.0, 1.0]));
+        assert!(matches!(
+            e,
+            Err(Error::NotPositiveDefinite { component: 1, .. })
+        ));
+        let e = GaussianMixture::new(
+            array![0.5, 0.5],
+            array![[0.0], [f64::NAN]],
+            Covariance::Isotropic(array![1.0, 1.0]),
+        );
         assert!(e.is_err());
         let e = GaussianMixture::new(array![1.0], means, Covariance::Isotropic(array![1.0]));
         assert!(matches!(e, Err(Error::Dimension { .. })));
