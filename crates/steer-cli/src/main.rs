@@ -1,3 +1,418 @@
-//! The `steer` command line.
+//! The `steer` command line: sample, reference, eval.
+
+mod config;
+mod io;
 mod plot;
-fn main() {}
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
+use steer::mcmc::{self, LogDensity, MalaConfig};
+use steer::method::{Guidance, GuidedSampler, Method};
+use steer::model::NoiseLevel;
+use steer::rng::{Purpose, Streams};
+use steer::schedule::TimeGrid;
+use steer::smc;
+use steer::target::Target;
+
+/// Inference-time steering of diffusion models with weighted particles.
+#[derive(Parser)]
+#[command(name = "steer", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one method on a target and write samples, weights, a summary, a trace and plots.
+    Sample {
+        /// Run configuration (TOML; fields in docs/config.md).
+        #[arg(long)]
+        config: PathBuf,
+        /// Output folder (written atomically; replaces a previous steer output).
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+        /// Override a config field, e.g. `--set particles=1024 --set reward.strength=0.3`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Reference samples of the target (`.npy`), or `exact` to draw them from the closed form.
+        #[arg(long)]
+        reference: Option<String>,
+        /// Number of exact reference samples drawn for `--reference exact`.
+        #[arg(long, default_value_t = 10_000)]
+        reference_samples: usize,
+    },
+    /// Draw samples of the terminal target q_T: exact when a closed form exists, else MALA.
+    Reference {
+        /// Run configuration (only the target, schedule and seed are used).
+        #[arg(long)]
+        config: PathBuf,
+        /// Output `.npy` file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of samples M.
+        #[arg(long)]
+        samples: usize,
+        /// Override a config field.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// MCMC chains (when no closed form exists).
+        #[arg(long, default_value_t = 64)]
+        chains: usize,
+        /// MCMC warm-up iterations per chain.
+        #[arg(long, default_value_t = 2000)]
+        warmup: usize,
+        /// MCMC thinning: keep every k-th draw.
+        #[arg(long, default_value_t = 5)]
+        thin: usize,
+        /// Use MCMC even when a closed form exists (to check the sampler).
+        #[arg(long)]
+        force_mcmc: bool,
+    },
+    /// Compare sample files and print the metrics as JSON.
+    Eval {
+        /// Samples (`.npy`, N × d).
+        #[arg(long)]
+        samples: PathBuf,
+        /// Normalised log-weights of the samples (`.npy`, N); uniform when absent.
+        #[arg(long)]
+        log_weights: Option<PathBuf>,
+        /// Reference samples (`.npy`, M × d).
+        #[arg(long)]
+        reference: PathBuf,
+        /// Seed of the random projections of the sliced Wasserstein distance.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Sample {
+            config,
+            out,
+            set,
+            reference,
+            reference_samples,
+        } => sample(&config, &out, &set, reference.as_deref(), reference_samples),
+        Command::Reference {
+            config,
+            out,
+            samples,
+            set,
+            chains,
+            warmup,
+            thin,
+            force_mcmc,
+        } => reference(
+            &config, &out, samples, &set, chains, warmup, thin, force_mcmc,
+        ),
+        Command::Eval {
+            samples,
+            log_weights,
+            reference,
+            seed,
+        } => eval(&samples, log_weights.as_deref(), &reference, seed),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Builds the method named in the config.
+fn method<'a>(name: &str, target: &'a Target) -> Result<Box<dyn Method + 'a>> {
+    let guidance = match name {
+        "base" => Guidance::Base,
+        "pg" => Guidance::Pure,
+        "g-smc" => Guidance::Corrected,
+        other => bail!("`method` = \"{other}\" is unknown (expected base, pg or g-smc)"),
+    };
+    Ok(Box::new(GuidedSampler::new(target, guidance)))
+}
+
+fn sample(
+    config_path: &Path,
+    out: &Path,
+    set: &[String],
+    reference: Option<&str>,
+    reference_samples: usize,
+) -> Result<()> {
+    let config = config::load(config_path, set)?;
+    let grid = config
+        .schedule
+        .build(config.steps)
+        .with_context(|| format!("{}", config_path.display()))?;
+    let target = config
+        .target(config_path, &grid)
+        .with_context(|| format!("{}", config_path.display()))?;
+    let settings = config
+        .settings()
+        .with_context(|| format!("{}", config_path.display()))?;
+    let mut method =
+        method(&config.method, &target).with_context(|| format!("{}", config_path.display()))?;
+    let reference = match reference {
+        None => None,
+        Some("exact") => {
+            let law = target
+                .exact_terminal_law(&grid)
+                .ok_or_else(|| anyhow!("--reference exact: this target has no closed form; run `steer reference` (MCMC) and pass the .npy"))?;
+            let (x, _) = law.sample(
+                reference_samples,
+                &Streams::new(config.seed ^ 0x5eed),
+                Purpose::Reference,
+            );
+            Some(x)
+        }
+        Some(path) => {
+            let x = io::read_samples(Path::new(path))?;
+            if x.ncols() != target.dim() {
+                bail!(
+                    "reference {path} has dimension {}, the target has {}",
+                    x.ncols(),
+                    target.dim()
+                );
+            }
+            Some(x)
+        }
+    };
+    let staging = io::Staging::new(out)?;
+
+    let bar = report::progress(
+        grid.len() as u64,
+        &format!("{} N={}", config.method, config.particles),
+    );
+    let run = smc::run(method.as_mut(), &target, &grid, &settings, &mut |_| {
+        bar.inc(1)
+    })?;
+    bar.finish_and_clear();
+
+    let summary = report::summary(&config, &target, &grid, &run, reference.as_ref())?;
+    io::write_npy(&staging.path("samples.npy"), &run.samples)?;
+    io::write_npy(&staging.path("log_weights.npy"), &run.log_weights)?;
+    report::write_trace(&staging.path("trace.csv"), &run)?;
+    std::fs::write(
+        staging.path("summary.json"),
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )?;
+    if config.output.plots.unwrap_or(true) {
+        let weighted = method.weighted().then(|| run.log_weights.view());
+        let title = format!(
+            "{} — {} particles, {} steps",
+            config.method, config.particles, config.steps
+        );
+        plot::samples_plot(
+            &staging.path("samples.png"),
+            run.samples.view(),
+            weighted,
+            reference.as_ref().map(|r| r.view()),
+            &title,
+        )?;
+        report::plot_trace(&staging.path("trace.png"), &run, &title)?;
+    }
+    let out = staging.commit()?;
+    eprintln!("{}", report::one_line(&summary));
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// `log q̃_T` at the grid's last point, for MCMC.
+struct TerminalDensity<'a> {
+    target: &'a Target,
+    level: NoiseLevel,
+}
+
+impl LogDensity for TerminalDensity<'_> {
+    fn dim(&self) -> usize {
+        self.target.dim()
+    }
+
+    fn log_density_and_gradient(
+        &self,
+        x: ArrayView2<f64>,
+        mut log_density: ArrayViewMut1<f64>,
+        mut gradient: ArrayViewMut2<f64>,
+    ) {
+        let result = self.target.log_density_and_gradient(
+            &self.level,
+            1.0,
+            x,
+            log_density.view_mut(),
+            Some(gradient.view_mut()),
+        );
+        if result.is_err() {
+            log_density.fill(f64::NAN);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reference(
+    config_path: &Path,
+    out: &Path,
+    samples: usize,
+    set: &[String],
+    chains: usize,
+    warmup: usize,
+    thin: usize,
+    force_mcmc: bool,
+) -> Result<()> {
+    if samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    let config = config::load(config_path, set)?;
+    let grid = config
+        .schedule
+        .build(config.steps)
+        .with_context(|| format!("{}", config_path.display()))?;
+    let target = config
+        .target(config_path, &grid)
+        .with_context(|| format!("{}", config_path.display()))?;
+    let streams = Streams::new(config.seed);
+    let (x, info) = match target.exact_terminal_law(&grid).filter(|_| !force_mcmc) {
+        Some(law) => {
+            let (x, log_z) = law.sample(samples, &streams, Purpose::Reference);
+            (
+                x,
+                serde_json::json!({ "method": "exact", "samples": samples, "log_normalizer": log_z }),
+            )
+        }
+        None => mcmc_reference(&target, &grid, samples, chains, warmup, thin, config.seed)?,
+    };
+    io::write_file_atomically(out, |tmp| io::write_npy(tmp, &x))?;
+    println!("{}", serde_json::to_string_pretty(&info)?);
+    eprintln!("wrote {} ({} × {})", out.display(), x.nrows(), x.ncols());
+    Ok(())
+}
+
+/// Many-chain MALA on the exact `log q̃_T`, started by importance resampling of base samples.
+fn mcmc_reference(
+    target: &Target,
+    grid: &TimeGrid,
+    samples: usize,
+    chains: usize,
+    warmup: usize,
+    thin: usize,
+    seed: u64,
+) -> Result<(Array2<f64>, serde_json::Value)> {
+    let level = grid.level(grid.len());
+    for (e, ex) in target.experts().iter().enumerate() {
+        if !ex.model.provides_log_density() {
+            bail!("experts[{e}] has no log-density: MCMC reference samples are unavailable");
+        }
+    }
+    let density = TerminalDensity { target, level };
+    let init = mcmc_start(target, &level, chains, seed)?;
+    let per_chain = samples.div_ceil(chains);
+    let mut cfg = MalaConfig::new(chains, warmup, per_chain);
+    cfg.thin = thin;
+    cfg.validate()?;
+    let bar = report::spinner("MALA reference");
+    let out = mcmc::mala(&density, init, &cfg, seed)?;
+    bar.finish_and_clear();
+    let x = out
+        .samples
+        .slice_axis(Axis(0), ndarray::Slice::from(0..samples))
+        .to_owned();
+    if out.max_split_rhat > 1.01 {
+        eprintln!(
+            "warning: max split R-hat {:.3} > 1.01: the chains have not mixed; raise --warmup or --thin, or use a closed form",
+            out.max_split_rhat
+        );
+    }
+    let info = serde_json::json!({
+        "method": "mala",
+        "samples": samples,
+        "chains": chains,
+        "draws_per_chain": out.draws_per_chain,
+        "warmup": warmup,
+        "thin": thin,
+        "step_size": out.step_size,
+        "acceptance_rate": out.acceptance_rate,
+        "max_split_rhat": out.max_split_rhat,
+        "split_rhat": out.split_rhat.to_vec(),
+        "min_ess_bulk": out.min_ess_bulk,
+    });
+    Ok((x, info))
+}
+
+/// Chain starts: draw base samples (the first expert's mixture, else a wide Gaussian) and
+/// resample them in proportion to `q̃_T / proposal`, so that chains start spread over the
+/// target's modes in roughly the right proportions.
+fn mcmc_start(
+    target: &Target,
+    level: &NoiseLevel,
+    chains: usize,
+    seed: u64,
+) -> Result<Array2<f64>> {
+    let streams = Streams::new(seed ^ 0x1417);
+    let pool = 50 * chains;
+    let base = target.experts()[0]
+        .model
+        .as_mixture()
+        .map(|m| m.at_level(level))
+        .ok_or_else(|| anyhow!("MCMC starts need a mixture expert"))?;
+    let x = base.sample(pool, &streams, Purpose::Init);
+    let mut log_q = Array1::zeros(pool);
+    target.log_density(level, 1.0, x.view(), log_q.view_mut())?;
+    let phi = base.component_log_densities(&NoiseLevel::data(), x.view());
+    let log_p = phi.map_axis(Axis(1), |r| steer::weights::log_sum_exp(r));
+    let (w, _) = steer::weights::LogWeights::from_unnormalized(&log_q - &log_p, 0)
+        .context("no base sample has positive target density")?;
+    let mut ancestors = Vec::new();
+    steer::resample::Scheme::Systematic.ancestors(
+        w.normalized().view(),
+        chains,
+        &mut streams.rng(Purpose::Init, 1, 0),
+        &mut ancestors,
+    );
+    Ok(x.select(Axis(0), &ancestors))
+}
+
+fn eval(samples: &Path, log_weights: Option<&Path>, reference: &Path, seed: u64) -> Result<()> {
+    let x = io::read_samples(samples)?;
+    let y = io::read_samples(reference)?;
+    if x.ncols() != y.ncols() {
+        bail!(
+            "{} has dimension {}, {} has {}",
+            samples.display(),
+            x.ncols(),
+            reference.display(),
+            y.ncols()
+        );
+    }
+    let w = match log_weights {
+        Some(p) => {
+            let l = io::read_vector(p)?;
+            if l.len() != x.nrows() {
+                bail!(
+                    "{} has {} weights for {} samples",
+                    p.display(),
+                    l.len(),
+                    x.nrows()
+                );
+            }
+            let (lw, _) = steer::weights::LogWeights::from_unnormalized(l, 0)
+                .with_context(|| format!("{}", p.display()))?;
+            Some(lw.normalized())
+        }
+        None => None,
+    };
+    let metrics = report::sample_metrics(
+        x.view(),
+        w.as_ref().map(|w: &Array1<f64>| w.view()),
+        y.view(),
+        seed,
+    )?;
+    println!("{}", serde_json::to_string_pretty(&metrics)?);
+    Ok(())
+}

@@ -45,6 +45,7 @@ const BOLD_GRID: RGBColor = RGBColor(218, 218, 218);
 const LEGEND_BORDER: RGBColor = RGBColor(160, 160, 160);
 
 /// Line colours (matplotlib's "tab10").
+#[allow(dead_code)] // Multi-series plots: used by loss curves and `steer bench` (later issues).
 const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -131,6 +132,7 @@ pub fn trace_plot(
 
 /// Line plot of several `(label, x, y)` series with a legend; non-finite
 /// points (and non-positive ones when `log_y`) are skipped, breaking the line.
+#[allow(dead_code)] // Multi-series plots: used by loss curves and `steer bench` (later issues).
 pub fn lines_plot(
     path: &Path,
     x_label: &str,
@@ -735,6 +737,7 @@ fn segments(points: &[(f64, f64)], valid: impl Fn(f64, f64) -> bool) -> Vec<Vec<
 // ---------------------------------------------------------------------------
 // Lines.
 
+#[allow(dead_code)] // Multi-series plots: used by loss curves and `steer bench` (later issues).
 fn draw_lines<DB>(
     root: &DrawingArea<DB, Shift>,
     x_label: &str,
@@ -803,6 +806,7 @@ where
 }
 
 /// What a line chart draws, apart from its y axis.
+#[allow(dead_code)] // Multi-series plots: used by loss curves and `steer bench` (later issues).
 struct LinesChart<'a> {
     x_label: &'a str,
     series: &'a [(String, Vec<f64>, Vec<f64>)],
@@ -811,6 +815,7 @@ struct LinesChart<'a> {
     title: &'a str,
 }
 
+#[allow(dead_code)] // Multi-series plots: used by loss curves and `steer bench` (later issues).
 impl LinesChart<'_> {
     fn draw<DB, YR>(
         &self,
@@ -908,6 +913,7 @@ impl Fraction {
     }
 
     /// The data y at fraction `f` of the (data) range `range`.
+    #[allow(dead_code)] // Multi-series plots: used by loss curves and `steer bench` (later issues).
     fn y_at(&self, f: f64, range: &Range<f64>) -> f64 {
         if self.log_y {
             pow10(range.start.log10() + f * (range.end.log10() - range.start.log10()))

@@ -136,11 +136,7 @@ pub fn median_bandwidth(a: &Weighted, b: &Weighted) -> f64 {
             pool.extend(x.row(i).iter().copied());
         }
     }
-    let p = if d == 0 {
-        a.len().min(MEDIAN_MAX_POINTS) + b.len().min(MEDIAN_MAX_POINTS)
-    } else {
-        pool.len() / d
-    };
+    let p = a.len().min(MEDIAN_MAX_POINTS) + b.len().min(MEDIAN_MAX_POINTS);
     if p < 2 {
         return f64::NAN;
     }
@@ -586,7 +582,7 @@ fn wasserstein_pow(x: &[f64], wx: Option<&[f64]>, y: &[f64], wy: Option<&[f64]>,
         if cx <= next {
             i += 1;
         }
-        if cy < next {
+        if cy <= next {
             j += 1;
         }
     }

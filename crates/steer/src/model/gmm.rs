@@ -429,7 +429,12 @@ pub struct NoisedMixture {
 }
 
 /// One parallel task: first row, score rows, optional log-density and divergence rows.
-type Task<'a> = (usize, &'a mut [f64], Option<&'a mut [f64]>, Option<&'a mut [f64]>);
+type Task<'a> = (
+    usize,
+    &'a mut [f64],
+    Option<&'a mut [f64]>,
+    Option<&'a mut [f64]>,
+);
 
 /// Per-task scratch buffers (allocated once per parallel chunk, never per particle).
 struct Scratch {
@@ -537,8 +542,7 @@ impl NoisedMixture {
         let mut divergence = divergence;
         let logp = log_density.as_mut().and_then(|v| v.as_slice_mut());
         let div = divergence.as_mut().and_then(|v| v.as_slice_mut());
-        let mut tasks: Vec<Task<'_>> =
-            Vec::new();
+        let mut tasks: Vec<Task<'_>> = Vec::new();
         let mut logp_chunks = logp.map(|v| v.chunks_mut(CHUNK));
         let mut div_chunks = div.map(|v| v.chunks_mut(CHUNK));
         for (c, sc) in score.chunks_mut(CHUNK * d).enumerate() {

@@ -1,0 +1,439 @@
+//! The run configuration (TOML): serde structs that reject unknown fields, and `build`
+//! functions that turn them into library objects, naming the offending field on error.
+//! Every field is documented in docs/config.md.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use ndarray::Array1;
+use serde::Deserialize;
+use steer::model::ScoreModel;
+use steer::resample::Scheme;
+use steer::reward::{Linear, MixtureLogDensity, Quadratic, Reward};
+use steer::schedule::{GridKind, Schedule, TimeGrid};
+use steer::smc::{ParticleSchedule, ResamplePolicy, Settings};
+use steer::target::{Expert, Target, TiltSchedule};
+
+use crate::io;
+
+/// A whole `steer sample` / `steer reference` configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Sampling method: "base", "pg" or "g-smc".
+    pub method: String,
+    /// Number of particles N.
+    pub particles: usize,
+    /// Number of sampling steps M.
+    pub steps: usize,
+    /// Seed of every random stream.
+    #[serde(default)]
+    pub seed: u64,
+    /// Noise schedule and time grid.
+    pub schedule: ScheduleConfig,
+    /// The experts p_e^{γ_e} of the target (one for annealing or tilting).
+    pub experts: Vec<ExpertConfig>,
+    /// Optional reward r (log-tilt).
+    pub reward: Option<RewardConfig>,
+    /// Resampling settings.
+    #[serde(default)]
+    pub resampling: ResamplingConfig,
+    /// Output settings.
+    #[serde(default)]
+    pub output: OutputConfig,
+}
+
+/// `[schedule]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// "vp-linear", "vp-cosine" or "ve-edm".
+    pub kind: String,
+    /// VP linear β_min (default 0.1).
+    pub beta_min: Option<f64>,
+    /// VP linear β_max (default 20).
+    pub beta_max: Option<f64>,
+    /// VP horizon T (default 1).
+    pub horizon: Option<f64>,
+    /// Cosine offset ε_c (default 0.008).
+    pub offset: Option<f64>,
+    /// VE σ_max (default 80).
+    pub sigma_max: Option<f64>,
+    /// Grid: "uniform" (default for VP), "edm" (default for VE) or "geometric".
+    pub grid: Option<String>,
+    /// EDM grid ρ (default 7).
+    pub rho: Option<f64>,
+    /// First forward time τ_max (default T, or T(1−10⁻³) for cosine).
+    pub tau_max: Option<f64>,
+    /// Last forward time τ_min (default 0 for VP, σ_min = 0.002 for VE).
+    pub tau_min: Option<f64>,
+    /// Noise level η: V = η U (1 = reverse SDE, 0 = probability-flow ODE).
+    pub eta: Option<f64>,
+}
+
+/// One `[[experts]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpertConfig {
+    /// The model: `{ kind = "gmm", file = "mixture.json" }`.
+    pub model: ModelConfig,
+    /// Exponent γ (default 1).
+    pub gamma: Option<f64>,
+}
+
+/// A model reference.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// "gmm".
+    pub kind: String,
+    /// Path of the model file, relative to the config file.
+    pub file: PathBuf,
+}
+
+/// `[reward]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardConfig {
+    /// "linear", "quadratic" or "mixture".
+    pub kind: String,
+    /// Linear: slope a in r = a·x.
+    pub slope: Option<Vec<f64>>,
+    /// Quadratic: centre c in r = −(λ/2)|x − c|².
+    pub centre: Option<Vec<f64>>,
+    /// Quadratic: strength λ ≥ 0.
+    pub strength: Option<f64>,
+    /// Mixture: mixture file for r = scale · log p(x).
+    pub file: Option<PathBuf>,
+    /// Mixture: scale (default 1).
+    pub scale: Option<f64>,
+    /// Reward schedule β_t: "linear" (default), "power" or "signal".
+    pub schedule: Option<String>,
+    /// Exponent p of the "power" schedule β = s^p.
+    pub power: Option<f64>,
+}
+
+/// `[resampling]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ResamplingConfig {
+    /// "multinomial", "systematic" (default), "stratified" or "residual".
+    pub scheme: Option<String>,
+    /// "ess" (default), "every" or "never".
+    pub when: Option<String>,
+    /// ESS threshold κ: resample when ESS < κN (default 0.5).
+    pub threshold: Option<f64>,
+    /// Period in steps for `when = "every"`.
+    pub period: Option<usize>,
+    /// Resample once after the last step (unweighted output; default false).
+    pub final_resample: Option<bool>,
+}
+
+/// `[output]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Write PNG plots (default true).
+    pub plots: Option<bool>,
+}
+
+/// Reads a config file, applies `--set key=value` overrides, and deserialises it.
+pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
+    let mut value: toml::Table = text
+        .parse()
+        .with_context(|| format!("invalid TOML in {}", path.display()))?;
+    for o in overrides {
+        apply_override(&mut value, o).with_context(|| format!("invalid --set `{o}`"))?;
+    }
+    let config: Config = toml::Value::Table(value)
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow!("{}: {}", path.display(), e.to_string().trim()))?;
+    Ok(config)
+}
+
+/// `section.key=value`; the value is parsed as TOML (number, bool, array, inline table),
+/// falling back to a string.
+fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
+    let (key, raw) = text
+        .split_once('=')
+        .ok_or_else(|| anyhow!("expected key=value"))?;
+    let value: toml::Value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").expect("parsed"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut cur = table;
+    for p in &parts[..parts.len() - 1] {
+        cur = match cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(t) => t,
+            _ => bail!("`{p}` is not a section"),
+        };
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+fn resolve(base: &Path, file: &Path) -> PathBuf {
+    if file.is_absolute() {
+        file.to_path_buf()
+    } else {
+        base.parent().unwrap_or(Path::new(".")).join(file)
+    }
+}
+
+fn finite(field: &str, v: Option<f64>, default: f64) -> Result<f64> {
+    let v = v.unwrap_or(default);
+    if !v.is_finite() {
+        bail!("`{field}` must be finite, got {v}");
+    }
+    Ok(v)
+}
+
+/// Forbids fields that do not apply to the chosen kind, so typos in intent surface.
+fn unused(section: &str, kind: &str, fields: &[(&str, bool)]) -> Result<()> {
+    for (name, present) in fields {
+        if *present {
+            bail!("`{section}.{name}` does not apply to {section}.kind = \"{kind}\"");
+        }
+    }
+    Ok(())
+}
+
+impl ScheduleConfig {
+    /// The schedule and grid for `steps` steps.
+    pub fn build(&self, steps: usize) -> Result<TimeGrid> {
+        let s = self;
+        let schedule = match s.kind.as_str() {
+            "vp-linear" => {
+                unused(
+                    "schedule",
+                    &s.kind,
+                    &[
+                        ("offset", s.offset.is_some()),
+                        ("sigma_max", s.sigma_max.is_some()),
+                    ],
+                )?;
+                Schedule::VpLinear {
+                    beta_min: finite("schedule.beta_min", s.beta_min, 0.1)?,
+                    beta_max: finite("schedule.beta_max", s.beta_max, 20.0)?,
+                    horizon: finite("schedule.horizon", s.horizon, 1.0)?,
+                }
+            }
+            "vp-cosine" => {
+                unused(
+                    "schedule",
+                    &s.kind,
+                    &[
+                        ("beta_min", s.beta_min.is_some()),
+                        ("beta_max", s.beta_max.is_some()),
+                        ("sigma_max", s.sigma_max.is_some()),
+                    ],
+                )?;
+                Schedule::VpCosine {
+                    offset: finite("schedule.offset", s.offset, 0.008)?,
+                    horizon: finite("schedule.horizon", s.horizon, 1.0)?,
+                }
+            }
+            "ve-edm" => {
+                unused(
+                    "schedule",
+                    &s.kind,
+                    &[
+                        ("beta_min", s.beta_min.is_some()),
+                        ("beta_max", s.beta_max.is_some()),
+                        ("horizon", s.horizon.is_some()),
+                        ("offset", s.offset.is_some()),
+                    ],
+                )?;
+                Schedule::VeEdm {
+                    sigma_max: finite("schedule.sigma_max", s.sigma_max, 80.0)?,
+                }
+            }
+            other => bail!(
+                "`schedule.kind` = \"{other}\" is unknown (expected vp-linear, vp-cosine or ve-edm)"
+            ),
+        };
+        let ve = schedule.is_variance_exploding();
+        let grid = match s.grid.as_deref() {
+            None if ve => GridKind::Edm {
+                rho: finite("schedule.rho", s.rho, 7.0)?,
+            },
+            None | Some("uniform") => GridKind::Uniform,
+            Some("edm") => GridKind::Edm {
+                rho: finite("schedule.rho", s.rho, 7.0)?,
+            },
+            Some("geometric") => GridKind::Geometric,
+            Some(other) => bail!(
+                "`schedule.grid` = \"{other}\" is unknown (expected uniform, edm or geometric)"
+            ),
+        };
+        let tau_max = finite("schedule.tau_max", s.tau_max, schedule.default_tau_max())?;
+        let tau_min = finite("schedule.tau_min", s.tau_min, if ve { 0.002 } else { 0.0 })?;
+        let eta = finite("schedule.eta", s.eta, 1.0)?;
+        Ok(TimeGrid::new(schedule, grid, steps, tau_max, tau_min, eta)?)
+    }
+}
+
+impl Config {
+    /// The target (experts, reward, reward schedule); model files resolve against `path`.
+    pub fn target(&self, path: &Path, grid: &TimeGrid) -> Result<Target> {
+        if self.experts.is_empty() {
+            bail!("at least one [[experts]] entry is required");
+        }
+        let mut experts = Vec::new();
+        for (e, ex) in self.experts.iter().enumerate() {
+            let model: Arc<dyn ScoreModel> = match ex.model.kind.as_str() {
+                "gmm" => Arc::new(
+                    io::read_mixture(&resolve(path, &ex.model.file))
+                        .with_context(|| format!("experts[{e}].model.file"))?,
+                ),
+                other => bail!("`experts[{e}].model.kind` = \"{other}\" is unknown (expected gmm)"),
+            };
+            experts.push(Expert {
+                model,
+                gamma: finite(&format!("experts[{e}].gamma"), ex.gamma, 1.0)?,
+            });
+        }
+        let (reward, tilt) = match &self.reward {
+            Some(r) => {
+                let (reward, tilt) = r.build(path)?;
+                (Some(reward), tilt)
+            }
+            None => (None, TiltSchedule::Linear),
+        };
+        tilt.validate(grid)?;
+        Ok(Target::new(experts, reward, tilt)?)
+    }
+
+    /// Engine settings for the run.
+    pub fn settings(&self) -> Result<Settings> {
+        if self.particles == 0 {
+            bail!("`particles` must be at least 1");
+        }
+        if self.steps == 0 {
+            bail!("`steps` must be at least 1");
+        }
+        let r = &self.resampling;
+        let scheme: Scheme = r.scheme.as_deref().unwrap_or("systematic").parse()?;
+        let policy = match r.when.as_deref().unwrap_or("ess") {
+            "ess" => {
+                unused("resampling", "ess", &[("period", r.period.is_some())])?;
+                ResamplePolicy::Ess {
+                    threshold: finite("resampling.threshold", r.threshold, 0.5)?,
+                }
+            }
+            "every" => {
+                unused(
+                    "resampling",
+                    "every",
+                    &[("threshold", r.threshold.is_some())],
+                )?;
+                ResamplePolicy::Every {
+                    period: r.period.ok_or_else(|| {
+                        anyhow!("`resampling.period` is required with when = \"every\"")
+                    })?,
+                }
+            }
+            "never" => ResamplePolicy::Never,
+            other => {
+                bail!("`resampling.when` = \"{other}\" is unknown (expected ess, every or never)")
+            }
+        };
+        let settings = Settings {
+            particles: ParticleSchedule::Constant(self.particles),
+            policy,
+            scheme,
+            final_resample: r.final_resample.unwrap_or(false),
+            seed: self.seed,
+        };
+        settings.validate(self.steps)?;
+        Ok(settings)
+    }
+}
+
+impl RewardConfig {
+    fn build(&self, path: &Path) -> Result<(Arc<dyn Reward>, TiltSchedule)> {
+        let r = self;
+        let vector = |name: &str, v: &Option<Vec<f64>>| -> Result<Array1<f64>> {
+            v.clone().map(Array1::from).ok_or_else(|| {
+                anyhow!(
+                    "`reward.{name}` is required for reward.kind = \"{}\"",
+                    r.kind
+                )
+            })
+        };
+        let reward: Arc<dyn Reward> = match r.kind.as_str() {
+            "linear" => {
+                unused(
+                    "reward",
+                    &r.kind,
+                    &[
+                        ("centre", r.centre.is_some()),
+                        ("strength", r.strength.is_some()),
+                        ("file", r.file.is_some()),
+                        ("scale", r.scale.is_some()),
+                    ],
+                )?;
+                Arc::new(Linear::new(vector("slope", &r.slope)?)?)
+            }
+            "quadratic" => {
+                unused(
+                    "reward",
+                    &r.kind,
+                    &[
+                        ("slope", r.slope.is_some()),
+                        ("file", r.file.is_some()),
+                        ("scale", r.scale.is_some()),
+                    ],
+                )?;
+                let strength = r.strength.ok_or_else(|| {
+                    anyhow!("`reward.strength` is required for reward.kind = \"quadratic\"")
+                })?;
+                Arc::new(Quadratic::new(vector("centre", &r.centre)?, strength)?)
+            }
+            "mixture" => {
+                unused(
+                    "reward",
+                    &r.kind,
+                    &[
+                        ("slope", r.slope.is_some()),
+                        ("centre", r.centre.is_some()),
+                        ("strength", r.strength.is_some()),
+                    ],
+                )?;
+                let file = r.file.as_ref().ok_or_else(|| {
+                    anyhow!("`reward.file` is required for reward.kind = \"mixture\"")
+                })?;
+                let mix = io::read_mixture(&resolve(path, file)).context("reward.file")?;
+                Arc::new(MixtureLogDensity::new(
+                    mix,
+                    finite("reward.scale", r.scale, 1.0)?,
+                )?)
+            }
+            other => bail!(
+                "`reward.kind` = \"{other}\" is unknown (expected linear, quadratic or mixture)"
+            ),
+        };
+        let tilt =
+            match r.schedule.as_deref().unwrap_or("linear") {
+                "linear" => TiltSchedule::Linear,
+                "power" => TiltSchedule::Power(r.power.ok_or_else(|| {
+                    anyhow!("`reward.power` is required with schedule = \"power\"")
+                })?),
+                "signal" => TiltSchedule::Signal,
+                other => bail!(
+                    "`reward.schedule` = \"{other}\" is unknown (expected linear, power or signal)"
+                ),
+            };
+        if r.power.is_some() && !matches!(tilt, TiltSchedule::Power(_)) {
+            bail!("`reward.power` applies only to schedule = \"power\"");
+        }
+        Ok((reward, tilt))
+    }
+}
