@@ -2,6 +2,33 @@
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 
+/// `Σ_i a_i b_i` in four interleaved lanes (a fixed summation order that vectorises).
+#[inline]
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut lanes = [0.0; 4];
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..4 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + tail
+}
+
+/// `y ← y + a x`.
+#[inline]
+pub fn axpy(y: &mut [f64], a: f64, x: &[f64]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
 /// Lower Cholesky factor `L` of a symmetric positive-definite `a = L Lᵀ`, or `None` with the
 /// failing pivot index when `a` is not positive definite.
 pub fn cholesky(a: ArrayView2<f64>) -> std::result::Result<Array2<f64>, usize> {
@@ -102,8 +129,8 @@ mod tests {
                 .iter()
                 .all(|v| v.abs() < 1e-14)
         );
-        // det by cofactor expansion: 4(6-0.04) - 1(2-0.1) + 0.5(0.2-1.5) = 21.31
-        assert!((log_det_from_cholesky(l.view()) - 21.31f64.ln()).abs() < 1e-12);
+        // det by cofactor expansion: 4(6 − 0.04) − 1(2 − 0.1) + 0.5(0.2 − 1.5) = 21.29
+        assert!((log_det_from_cholesky(l.view()) - 21.29f64.ln()).abs() < 1e-12);
         assert_eq!(cholesky(array![[1.0, 2.0], [2.0, 1.0]].view()), Err(1));
     }
 }

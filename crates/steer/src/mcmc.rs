@@ -1232,14 +1232,15 @@ mod tests {
         assert!(rw > 1.1, "within-chain drift: R̂ = {rw}");
     }
 
-    /// ½N(−8, 1) + ½N(8, 1): the barrier costs e^{−32}, no chain crosses. Started in one
-    /// mode the chains agree (R̂ ≈ 1) although they miss half the mass; started half in each
-    /// mode R̂ ≈ √(1 + 64) ≈ 8 must expose the non-mixing.
+    /// ½N(−20, 1) + ½N(20, 1): the barrier costs e^{−200}, so no chain crosses (not even
+    /// with the large trial steps of early step-size adaptation). Started in one mode the
+    /// chains agree (R̂ ≈ 1) although they miss half the mass; started half in each mode
+    /// R̂ ≈ √(1 + 400) ≈ 20 must expose the non-mixing.
     #[test]
     fn split_rhat_exposes_chains_stuck_in_different_modes() {
-        let target = Bimodal { separation: 8.0 };
+        let target = Bimodal { separation: 20.0 };
         let config = MalaConfig::new(16, 500, 1000);
-        let one_mode = spread_init(16, &[8.0], 0.5, 1);
+        let one_mode = spread_init(16, &[20.0], 0.5, 1);
         let out = mala(&target, one_mode, &config, 2).unwrap();
         assert!(out.samples.iter().all(|&x| x > 0.0));
         assert!(
@@ -1248,7 +1249,7 @@ mod tests {
             out.max_split_rhat
         );
 
-        let mut both_modes = spread_init(16, &[8.0], 0.5, 1);
+        let mut both_modes = spread_init(16, &[20.0], 0.5, 1);
         both_modes
             .slice_axis_mut(Axis(0), Slice::from(8..))
             .mapv_inplace(|x| -x);

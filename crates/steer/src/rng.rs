@@ -48,8 +48,31 @@ impl Streams {
 
     /// The generator for `(purpose, step, particle)`.
     pub fn rng(&self, purpose: Purpose, step: usize, particle: usize) -> ChaCha8Rng {
-        let key = splitmix64(self.seed ^ splitmix64(purpose as u64));
-        let mut rng = ChaCha8Rng::seed_from_u64(key);
+        self.keyed(purpose).rng(step, particle)
+    }
+
+    /// The key of one purpose, derived once for hot loops that build many generators.
+    pub fn keyed(&self, purpose: Purpose) -> KeyedStreams {
+        let mut z = self.seed ^ splitmix64(purpose as u64);
+        let mut key = [0u8; 32];
+        for chunk in key.chunks_exact_mut(8) {
+            z = splitmix64(z);
+            chunk.copy_from_slice(&z.to_le_bytes());
+        }
+        KeyedStreams { key }
+    }
+}
+
+/// The streams of one purpose: a fixed ChaCha key, one stream id per `(step, particle)`.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyedStreams {
+    key: [u8; 32],
+}
+
+impl KeyedStreams {
+    /// The generator for `(step, particle)`.
+    pub fn rng(&self, step: usize, particle: usize) -> ChaCha8Rng {
+        let mut rng = ChaCha8Rng::from_seed(self.key);
         rng.set_stream(((step as u64) << 32) | (particle as u64 & 0xffff_ffff));
         rng
     }

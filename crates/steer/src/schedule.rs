@@ -423,7 +423,8 @@ mod tests {
             let (tau_max, tau_min) = (s.default_tau_max(), 0.01 * s.horizon());
             let grid = TimeGrid::new(s, GridKind::Uniform, 7, tau_max, tau_min, 0.5).unwrap();
             for st in grid.steps() {
-                let n = 2000;
+                // Fine enough for the cosine β, which steepens near τ_max.
+                let n = 20_000;
                 let h = (st.tau.0 - st.tau.1) / n as f64;
                 let simpson = |g: &dyn Fn(f64) -> f64| {
                     (0..=n)

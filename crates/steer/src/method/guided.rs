@@ -7,11 +7,12 @@
 //! corrector increment (MATH.md §4.3)
 //! `Δt G = (β_{k+1} − β_k) r − (Γ − 1) d 𝓕 + 𝓕 β_k x·∇r + ½𝒰 (β_k Δr + |S|² − Σ_e γ_e |s_e|²)`.
 
-use ndarray::{Array1, Array2, ArrayViewMut1, Axis, Zip};
+use ndarray::{Array1, Array2, ArrayViewMut1, Zip};
 use rand_distr::{Distribution, StandardNormal};
 
 use super::{Method, StepContext, StepStats};
 use crate::error::Result;
+use crate::linalg::{axpy, dot};
 use crate::model::{NoiseLevel, ScoreOutput};
 use crate::population::Population;
 use crate::reward::RewardOutput;
@@ -163,65 +164,67 @@ impl Method for GuidedSampler<'_> {
             check_finite(&b.reward_gradient, k, "reward gradient")?;
         }
 
-        // Tilted score S = Σ γ_e s_e + β ∇r (or s_0 for the base sampler).
-        b.tilted.fill(0.0);
-        for e in 0..experts {
-            let gamma = if guided {
-                target.experts()[e].gamma
-            } else {
-                1.0
-            };
-            b.tilted.scaled_add(gamma, &b.scores[e]);
-        }
-        if need_gradient {
-            b.tilted.scaled_add(beta, &b.reward_gradient);
-        }
-
-        if weighted {
-            let gammas: Vec<f64> = target.experts().iter().map(|e| e.gamma).collect();
-            let constant = -(target.total_gamma() - 1.0) * d as f64 * step.drift;
-            let scores = &b.scores;
-            Zip::indexed(&mut increments)
-                .and(b.tilted.rows())
-                .par_for_each(|i, inc, s_row| {
-                    let mut g = constant + 0.5 * step.diffusion * s_row.dot(&s_row);
-                    for (e, score) in scores.iter().enumerate() {
+        // One fused pass per particle: tilted score S = Σ γ_e s_e + β ∇r (or s_0 for the base
+        // sampler), the corrector increment Δt G at the left point, then the move
+        // x ← x + 𝓕 x + ½(𝒰 + 𝒱) S + sqrt(𝒱) ξ.
+        let gammas: Vec<f64> = (0..experts)
+            .map(|e| {
+                if guided {
+                    target.experts()[e].gamma
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let constant = -(target.total_gamma() - 1.0) * d as f64 * step.drift;
+        let (drift, diffusion) = (step.drift, step.diffusion);
+        let (half, noise_sd) = (0.5 * (step.diffusion + step.noise), step.noise.sqrt());
+        let (scores, reward, grad, lap) = (
+            &b.scores,
+            &b.reward,
+            &b.reward_gradient,
+            &b.reward_laplacian,
+        );
+        let noise = ctx.streams.keyed(Purpose::Noise);
+        Zip::indexed(population.x.rows_mut())
+            .and(b.tilted.rows_mut())
+            .and(&mut increments)
+            .par_for_each(|i, mut x_row, mut s_row, inc| {
+                let x = x_row.as_slice_mut().expect("rows are contiguous");
+                let s = s_row.as_slice_mut().expect("rows are contiguous");
+                s.fill(0.0);
+                for (score, &gamma) in scores.iter().zip(&gammas) {
+                    axpy(s, gamma, score.row(i).to_slice().expect("contiguous"));
+                }
+                let grad_i = grad.row(i);
+                let grad_i = grad_i.to_slice().expect("contiguous");
+                if need_gradient {
+                    axpy(s, beta, grad_i);
+                }
+                if weighted {
+                    let mut g = constant + 0.5 * diffusion * dot(s, s);
+                    for (score, &gamma) in scores.iter().zip(&gammas) {
                         let se = score.row(i);
-                        g -= 0.5 * step.diffusion * gammas[e] * se.dot(&se);
+                        let se = se.to_slice().expect("contiguous");
+                        g -= 0.5 * diffusion * gamma * dot(se, se);
+                    }
+                    if need_value {
+                        g += (beta_next - beta) * reward[i];
+                    }
+                    if need_gradient {
+                        g += drift * beta * dot(x, grad_i) + 0.5 * diffusion * beta * lap[i];
                     }
                     *inc = g;
-                });
-            if need_value {
-                increments.scaled_add(beta_next - beta, &b.reward);
-            }
-            if need_gradient {
-                let (grad, lap) = (&b.reward_gradient, &b.reward_laplacian);
-                Zip::indexed(&mut increments)
-                    .and(population.x.rows())
-                    .par_for_each(|i, inc, x_row| {
-                        *inc += step.drift * beta * x_row.dot(&grad.row(i))
-                            + 0.5 * step.diffusion * beta * lap[i];
-                    });
-            }
+                }
+                let mut rng = noise.rng(k, i);
+                for (xv, &sv) in x.iter_mut().zip(s.iter()) {
+                    let xi: f64 = StandardNormal.sample(&mut rng);
+                    *xv += drift * *xv + half * sv + noise_sd * xi;
+                }
+            });
+        if weighted {
             check_finite_1d(&increments, k)?;
         }
-
-        // Euler–Maruyama move with per-particle noise streams.
-        let (drift, half, noise_sd) = (
-            step.drift,
-            0.5 * (step.diffusion + step.noise),
-            step.noise.sqrt(),
-        );
-        let streams = ctx.streams;
-        Zip::indexed(population.x.axis_iter_mut(Axis(0)))
-            .and(b.tilted.rows())
-            .par_for_each(|i, mut x_row, s_row| {
-                let mut rng = streams.rng(Purpose::Noise, k, i);
-                Zip::from(&mut x_row).and(&s_row).for_each(|x, &s| {
-                    let xi: f64 = StandardNormal.sample(&mut rng);
-                    *x += drift * *x + half * s + noise_sd * xi;
-                });
-            });
         Ok(StepStats::default())
     }
 }

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use super::{NoiseLevel, ScoreModel, ScoreOutput};
 use crate::error::{Error, Result};
-use crate::linalg;
+use crate::linalg::{self, dot};
 use crate::rng::{Purpose, Streams};
 
 /// Rows per parallel task: fixed, so chunk boundaries never depend on the thread count.
@@ -282,7 +282,7 @@ impl GaussianMixture {
                 let start = c * CHUNK;
                 let xs = x.slice_axis(Axis(0), Slice::from(start..start + o.nrows()));
                 let mut scratch = Scratch::new(xs.nrows(), k, x.ncols(), &noised.precision);
-                noised.log_components(xs, &mut scratch);
+                noised.log_components(xs, &mut scratch, false);
                 o.assign(&scratch.phi);
             });
         out
@@ -297,7 +297,7 @@ impl GaussianMixture {
             .flat_map_iter(|chunk| {
                 let xs = x.slice_axis(Axis(0), Slice::from(chunk[0]..chunk[0] + chunk.len()));
                 let mut scratch = Scratch::new(xs.nrows(), k, x.ncols(), &noised.precision);
-                noised.log_components(xs, &mut scratch);
+                noised.log_components(xs, &mut scratch, false);
                 (0..xs.nrows())
                     .map(|r| argmax(scratch.phi.row(r)))
                     .collect::<Vec<_>>()
@@ -442,6 +442,8 @@ struct Scratch {
     phi: Array2<f64>,
     /// `rows × K` squared norms `|e_j|²`.
     e_norm2: Array2<f64>,
+    /// `K` unnormalised responsibilities of the current row.
+    rho: Array1<f64>,
     /// Full form: `K × rows × d` with `C_j⁻¹(x − m_j)` and a `rows × d` difference buffer.
     projected: Array3<f64>,
     diff: Array2<f64>,
@@ -453,6 +455,7 @@ impl Scratch {
         Scratch {
             phi: Array2::zeros((rows, k)),
             e_norm2: Array2::zeros((rows, k)),
+            rho: Array1::zeros(k),
             projected: if full {
                 Array3::zeros((k, rows, d))
             } else {
@@ -468,25 +471,21 @@ impl Scratch {
 }
 
 impl NoisedMixture {
-    /// Fills `scratch.phi` (and `e_norm2`, `projected`) for the rows of `x`.
-    fn log_components(&self, x: ArrayView2<f64>, scratch: &mut Scratch) {
+    /// Fills `scratch.phi` (and `projected`; `e_norm2` when `norms`) for the rows of `x`.
+    fn log_components(&self, x: ArrayView2<f64>, scratch: &mut Scratch, norms: bool) {
         let k = self.means.nrows();
         match &self.precision {
             Precision::Diagonal(p) => {
                 for (r, xr) in x.axis_iter(Axis(0)).enumerate() {
-                    let xr = xr.as_slice().expect("rows are contiguous");
+                    let xr = xr.to_slice().expect("rows are contiguous");
                     for j in 0..k {
-                        let m = self.means.row(j);
-                        let pj = p.row(j);
-                        let (m, pj) = (m.as_slice().unwrap(), pj.as_slice().unwrap());
-                        let (mut quad, mut e2) = (0.0, 0.0);
-                        for ((&xv, &mv), &pv) in xr.iter().zip(m).zip(pj) {
-                            let z = (xv - mv) * pv;
-                            quad += (xv - mv) * z;
-                            e2 += z * z;
+                        let m = self.means.row(j).to_slice().expect("contiguous");
+                        let pj = p.row(j).to_slice().expect("contiguous");
+                        scratch.phi[[r, j]] =
+                            self.log_norm[j] - 0.5 * weighted_square(xr, m, pj, 1);
+                        if norms {
+                            scratch.e_norm2[[r, j]] = weighted_square(xr, m, pj, 2);
                         }
-                        scratch.phi[[r, j]] = self.log_norm[j] - 0.5 * quad;
-                        scratch.e_norm2[[r, j]] = e2;
                     }
                 }
             }
@@ -500,11 +499,16 @@ impl NoisedMixture {
                     let mut proj = scratch.projected.index_axis_mut(Axis(0), j);
                     general_mat_mul(1.0, &diff.view(), &p.index_axis(Axis(0), j), 0.0, &mut proj);
                     for r in 0..rows {
-                        let (dr, pr) = (diff.row(r), proj.row(r));
-                        let quad: f64 = dr.iter().zip(pr.iter()).map(|(a, b)| a * b).sum();
-                        let e2: f64 = pr.iter().map(|v| v * v).sum();
-                        scratch.phi[[r, j]] = self.log_norm[j] - 0.5 * quad;
-                        scratch.e_norm2[[r, j]] = e2;
+                        let dr = diff.row(r);
+                        let pr = proj.row(r);
+                        let (dr, pr) = (
+                            dr.to_slice().expect("contiguous"),
+                            pr.to_slice().expect("contiguous"),
+                        );
+                        scratch.phi[[r, j]] = self.log_norm[j] - 0.5 * dot(dr, pr);
+                        if norms {
+                            scratch.e_norm2[[r, j]] = dot(pr, pr);
+                        }
                     }
                 }
             }
@@ -575,49 +579,76 @@ impl NoisedMixture {
         if scratch.phi.nrows() != rows {
             *scratch = Scratch::new(rows, k, d, &self.precision);
         }
-        self.log_components(x, scratch);
+        self.log_components(x, scratch, divergence.is_some());
         for r in 0..rows {
+            // Responsibilities ρ_j = softmax(Φ)_j, with one exponential per component.
             let phi = scratch.phi.row(r);
             let max = phi.fold(f64::NEG_INFINITY, |m, &v| m.max(v));
-            let sum: f64 = phi.iter().map(|v| (v - max).exp()).sum();
-            let lse = max + sum.ln();
+            let rho = scratch.rho.as_slice_mut().expect("contiguous");
+            let mut sum = 0.0;
+            for (w, &v) in rho.iter_mut().zip(phi.iter()) {
+                *w = (v - max).exp();
+                sum += *w;
+            }
             if let Some(l) = log_density.as_deref_mut() {
-                l[r] = lse;
+                l[r] = max + sum.ln();
             }
             let s_row = &mut score[r * d..(r + 1) * d];
             s_row.fill(0.0);
             let xr = x.row(r);
+            let xr = xr.to_slice().expect("rows are contiguous");
             let mut div_acc = 0.0;
             for j in 0..k {
-                let rho = (phi[j] - lse).exp();
-                if rho == 0.0 {
+                let w = rho[j] / sum;
+                if w == 0.0 {
                     continue;
                 }
-                div_acc += rho * (scratch.e_norm2[[r, j]] - self.trace[j]);
+                div_acc += w * (scratch.e_norm2[[r, j]] - self.trace[j]);
                 match &self.precision {
                     Precision::Diagonal(p) => {
-                        let (m, pj) = (self.means.row(j), p.row(j));
-                        for (((s, &xv), &mv), &pv) in
-                            s_row.iter_mut().zip(xr.iter()).zip(m.iter()).zip(pj.iter())
-                        {
-                            *s += rho * (mv - xv) * pv;
+                        let m = self.means.row(j).to_slice().expect("contiguous");
+                        let pj = p.row(j).to_slice().expect("contiguous");
+                        for (((s, &xv), &mv), &pv) in s_row.iter_mut().zip(xr).zip(m).zip(pj) {
+                            *s += w * (mv - xv) * pv;
                         }
                     }
                     Precision::Full(_) => {
                         let proj = scratch.projected.index_axis(Axis(0), j);
-                        let proj = proj.row(r);
-                        for (s, &pv) in s_row.iter_mut().zip(proj.iter()) {
-                            *s -= rho * pv;
+                        for (s, &pv) in s_row.iter_mut().zip(proj.row(r).iter()) {
+                            *s -= w * pv;
                         }
                     }
                 }
             }
             if let Some(dv) = divergence.as_deref_mut() {
-                let s2: f64 = s_row.iter().map(|v| v * v).sum();
-                dv[r] = div_acc - s2;
+                dv[r] = div_acc - dot(s_row, s_row);
             }
         }
     }
+}
+
+/// `Σ_i (x_i − m_i)² p_i^power` (power 1 or 2) in four interleaved lanes.
+#[inline]
+fn weighted_square(x: &[f64], m: &[f64], p: &[f64], power: i32) -> f64 {
+    let mut lanes = [0.0; 4];
+    let term = |x: f64, m: f64, p: f64| {
+        let z = (x - m) * p;
+        if power == 1 { (x - m) * z } else { z * z }
+    };
+    let (cx, cm, cp) = (x.chunks_exact(4), m.chunks_exact(4), p.chunks_exact(4));
+    let tail: f64 = cx
+        .remainder()
+        .iter()
+        .zip(cm.remainder())
+        .zip(cp.remainder())
+        .map(|((&x, &m), &p)| term(x, m, p))
+        .sum();
+    for ((x, m), p) in cx.zip(cm).zip(cp) {
+        for l in 0..4 {
+            lanes[l] += term(x[l], m[l], p[l]);
+        }
+    }
+    (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + tail
 }
 
 impl ScoreModel for GaussianMixture {
