@@ -286,15 +286,26 @@ impl Config {
         if self.experts.is_empty() {
             bail!("at least one [[experts]] entry is required");
         }
-        let mut experts = Vec::new();
+        let mut experts: Vec<Expert> = Vec::new();
         for (e, ex) in self.experts.iter().enumerate() {
+            let file = resolve(path, &ex.model.file);
             let model: Arc<dyn ScoreModel> = match ex.model.kind.as_str() {
                 "gmm" => Arc::new(
-                    io::read_mixture(&resolve(path, &ex.model.file))
-                        .with_context(|| format!("experts[{e}].model.file"))?,
+                    io::read_mixture(&file).with_context(|| format!("experts[{e}].model.file"))?,
                 ),
                 other => bail!("`experts[{e}].model.kind` = \"{other}\" is unknown (expected gmm)"),
             };
+            if let Some(first) = experts.first()
+                && model.dim() != first.model.dim()
+            {
+                bail!(
+                    "dimension mismatch between model files: `experts[{e}].model.file` ({}) has dimension {}, `experts[0].model.file` ({}) has {}",
+                    file.display(),
+                    model.dim(),
+                    resolve(path, &self.experts[0].model.file).display(),
+                    first.model.dim()
+                );
+            }
             experts.push(Expert {
                 model,
                 gamma: finite(&format!("experts[{e}].gamma"), ex.gamma, 1.0)?,
@@ -303,6 +314,18 @@ impl Config {
         let (reward, tilt) = match &self.reward {
             Some(r) => {
                 let (reward, tilt) = r.build(path)?;
+                let d = experts[0].model.dim();
+                if reward.dim() != d {
+                    let field = match r.kind.as_str() {
+                        "linear" => "reward.slope",
+                        "quadratic" => "reward.centre",
+                        _ => "reward.file",
+                    };
+                    bail!(
+                        "dimension mismatch: `{field}` has dimension {}, the experts' model files have dimension {d}",
+                        reward.dim()
+                    );
+                }
                 (Some(reward), tilt)
             }
             None => (None, TiltSchedule::Linear),

@@ -222,20 +222,6 @@ impl Method for GuidedSampler<'_> {
                     *xv += drift * *xv + half * sv + noise_sd * xi;
                 }
             });
-        if weighted {
-            check_finite_1d(&increments, k)?;
-        }
         Ok(StepStats::default())
-    }
-}
-
-fn check_finite_1d(v: &ArrayViewMut1<f64>, step: usize) -> Result<()> {
-    match v.iter().position(|x| !x.is_finite()) {
-        Some(particle) => Err(crate::Error::NonFinite {
-            step,
-            what: "log-weight increment",
-            particle,
-        }),
-        None => Ok(()),
     }
 }
