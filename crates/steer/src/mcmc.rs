@@ -1,5 +1,6 @@
 //! Many-chain Metropolis-adjusted Langevin sampling (MALA) of a target π known through an
-//! unnormalised log-density and its gradient, with split-R̂ and bulk-ESS diagnostics.
+//! unnormalised log-density and its gradient, with split-R̂ and bulk-ESS diagnostics, and
+//! its replica-exchange (parallel-tempering) extension for multimodal targets.
 //!
 //! One iteration moves every chain x by the preconditioned Langevin proposal
 //!
@@ -24,6 +25,28 @@
 //! `Streams::new(seed).rng(Purpose::Reference, t, c)`, and every reduction over chains runs
 //! sequentially in chain order, so a run is bit-identical on any number of threads.
 //!
+//! # Replica exchange through an exact base law
+//!
+//! MALA chains never cross between well-separated modes. [`tempered_mala`] bridges the
+//! target q̃ to a base law b that can be sampled exactly ([`BaseLaw`]) through the ladder
+//! `0 = λ_0 < λ_1 < … < λ_{L−1} = 1`,
+//!
+//! ```text
+//! π_λ(x) ∝ b(x)^{1−λ} q̃(x)^λ = b(x) e^{λ ℓ(x)},      ℓ = log q̃ − log b,
+//! ```
+//!
+//! and runs, per chain, one replica of each level. An iteration (i) redraws level 0 exactly
+//! from b (an independent proposal that is always accepted), (ii) moves every level l ≥ 1
+//! by one MALA step on `log π_{λ_l} = (1 − λ_l) log b + λ_l log q̃` with its own step size
+//! and metric, and (iii) proposes to exchange the states of the adjacent levels (l, l + 1)
+//! with l even on even iterations and l odd on odd ones (the deterministic even–odd scheme
+//! of Okabe et al. 2001), accepting with probability
+//! `min(1, exp((λ_{l+1} − λ_l)(ℓ(x_l) − ℓ(x_{l+1}))))`. Each of (i)–(iii) leaves the
+//! product `Π_l π_{λ_l}` invariant, so the cold level λ = 1 samples q̃, and a state reaches
+//! another mode by travelling down to level 0 and back. The replica of level l of chain c
+//! is row `c · L + l` everywhere, and its random numbers at iteration t come from the
+//! stream `(Purpose::Reference, t, c · L + l)`.
+//!
 //! Convergence is reported by [`split_rhat`] (Gelman et al., BDA3 §11.4) and [`ess_bulk`]
 //! (Vehtari et al. 2021: Geyer's initial monotone sequence on rank-normalised split chains).
 
@@ -32,11 +55,15 @@ use ndarray::{
     Slice, Zip,
 };
 use rand::RngExt;
+use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::rng::{Purpose, Streams};
+use crate::rng::{KeyedStreams, Purpose, Streams};
+
+/// Streams pack the replica into 32 bits and the iteration into the other 32.
+const STREAM_LIMIT: usize = u32::MAX as usize;
 
 /// Unnormalised log-density log π(x) + const of a target on ℝ^d, with its exact gradient.
 ///
@@ -96,47 +123,59 @@ impl MalaConfig {
 
     /// Checks every field; the error names the first invalid one.
     pub fn validate(&self) -> Result<()> {
-        // Streams pack the chain into 32 bits and the iteration into the other 32.
-        const STREAM_LIMIT: usize = u32::MAX as usize;
         if self.chains == 0 || self.chains > STREAM_LIMIT {
             return Err(Error::invalid("chains", "must be in 1..=2^32-1"));
         }
-        if self.samples_per_chain < 4 {
-            return Err(Error::invalid(
-                "samples_per_chain",
-                "must be at least 4 (split-R̂ needs two draws per half-chain)",
-            ));
-        }
-        if self.thin == 0 {
-            return Err(Error::invalid("thin", "must be at least 1"));
-        }
-        let iterations = self
-            .samples_per_chain
-            .checked_mul(self.thin)
-            .and_then(|n| n.checked_add(self.warmup));
-        if iterations.is_none_or(|n| n > STREAM_LIMIT) {
-            return Err(Error::invalid(
-                "warmup",
-                "warmup + samples_per_chain × thin must be below 2^32",
-            ));
-        }
-        if !(self.initial_step_size.is_finite() && self.initial_step_size > 0.0) {
-            return Err(Error::invalid(
-                "initial_step_size",
-                format!(
-                    "must be finite and positive, got {}",
-                    self.initial_step_size
-                ),
-            ));
-        }
-        if !(self.target_acceptance > 0.0 && self.target_acceptance < 1.0) {
-            return Err(Error::invalid(
-                "target_acceptance",
-                format!("must lie in (0, 1), got {}", self.target_acceptance),
-            ));
-        }
-        Ok(())
+        validate_schedule(
+            self.warmup,
+            self.samples_per_chain,
+            self.thin,
+            self.initial_step_size,
+            self.target_acceptance,
+        )
     }
+}
+
+/// Checks the run length, the thinning and the step-size settings shared by [`MalaConfig`]
+/// and [`TemperingConfig`]; the error names the first invalid field.
+fn validate_schedule(
+    warmup: usize,
+    samples_per_chain: usize,
+    thin: usize,
+    initial_step_size: f64,
+    target_acceptance: f64,
+) -> Result<()> {
+    if samples_per_chain < 4 {
+        return Err(Error::invalid(
+            "samples_per_chain",
+            "must be at least 4 (split-R̂ needs two draws per half-chain)",
+        ));
+    }
+    if thin == 0 {
+        return Err(Error::invalid("thin", "must be at least 1"));
+    }
+    let iterations = samples_per_chain
+        .checked_mul(thin)
+        .and_then(|n| n.checked_add(warmup));
+    if iterations.is_none_or(|n| n > STREAM_LIMIT) {
+        return Err(Error::invalid(
+            "warmup",
+            "warmup + samples_per_chain × thin must be below 2^32",
+        ));
+    }
+    if !(initial_step_size.is_finite() && initial_step_size > 0.0) {
+        return Err(Error::invalid(
+            "initial_step_size",
+            format!("must be finite and positive, got {initial_step_size}"),
+        ));
+    }
+    if !(target_acceptance > 0.0 && target_acceptance < 1.0) {
+        return Err(Error::invalid(
+            "target_acceptance",
+            format!("must lie in (0, 1), got {target_acceptance}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Draws of a MALA run and their convergence diagnostics.
@@ -174,6 +213,28 @@ impl MalaOutput {
             .into_shape_with_order((self.chains, self.draws_per_chain, d))
             .expect("samples are a standard-layout (chains · draws) × d array")
     }
+
+    /// Diagnoses `draws` (chains × kept × d) and packs them, chain-major, with the kernel
+    /// that produced them.
+    fn from_draws(draws: Array3<f64>, kernel: Kernel, acceptance_rate: f64) -> Self {
+        let (chains, kept, d) = draws.dim();
+        let split_rhat = split_rhat(draws.view());
+        let ess_bulk = ess_bulk(draws.view());
+        MalaOutput {
+            samples: draws
+                .into_shape_with_order((chains * kept, d))
+                .expect("a standard-layout array reshapes"),
+            chains,
+            draws_per_chain: kept,
+            step_size: kernel.step_size,
+            inverse_metric: kernel.inverse_metric,
+            acceptance_rate,
+            max_split_rhat: nan_fold(&split_rhat, f64::max),
+            split_rhat,
+            min_ess_bulk: nan_fold(&ess_bulk, f64::min),
+            ess_bulk,
+        }
+    }
 }
 
 /// Runs `config.chains` MALA chains from the rows of `init` (chains × d) and returns the
@@ -190,7 +251,7 @@ pub fn mala(
 ) -> Result<MalaOutput> {
     config.validate()?;
     check_init(target, &init, config.chains)?;
-    let streams = Streams::new(seed);
+    let streams = Streams::new(seed).keyed(Purpose::Reference);
     let mut sampler = Sampler::new(target, init, config.initial_step_size)?;
 
     warm_up(&mut sampler, target, &streams, config);
@@ -208,23 +269,11 @@ pub fn mala(
             .assign(&sampler.current.position);
     }
     let proposals = (chains * kept * config.thin) as f64;
-
-    let split_rhat = split_rhat(draws.view());
-    let ess_bulk = ess_bulk(draws.view());
-    Ok(MalaOutput {
-        samples: draws
-            .into_shape_with_order((chains * kept, d))
-            .expect("a standard-layout array reshapes"),
-        chains,
-        draws_per_chain: kept,
-        step_size: sampler.step_size,
-        inverse_metric: sampler.inverse_metric,
-        acceptance_rate: accepted as f64 / proposals,
-        max_split_rhat: nan_fold(&split_rhat, f64::max),
-        split_rhat,
-        min_ess_bulk: nan_fold(&ess_bulk, f64::min),
-        ess_bulk,
-    })
+    Ok(MalaOutput::from_draws(
+        draws,
+        sampler.kernel,
+        accepted as f64 / proposals,
+    ))
 }
 
 /// Checks that `init` is chains × target.dim().
@@ -251,33 +300,107 @@ fn check_init(target: &impl LogDensity, init: &Array2<f64>, chains: usize) -> Re
 fn warm_up(
     sampler: &mut Sampler,
     target: &impl LogDensity,
-    streams: &Streams,
+    streams: &KeyedStreams,
     config: &MalaConfig,
 ) {
     if config.warmup == 0 {
         return;
     }
-    let plan = WarmupPlan::new(config.warmup, config.adapt_metric);
-    let mut adapter = DualAveraging::new(sampler.step_size, config.target_acceptance);
-    let mut variance = PooledVariance::new(sampler.inverse_metric.len());
-    let mut window = 0;
+    let mut adaptation = KernelAdaptation::new(
+        std::slice::from_ref(&sampler.kernel),
+        config.warmup,
+        config.adapt_metric,
+        config.target_acceptance,
+    );
     for iteration in 0..config.warmup {
         let stats = sampler.step(target, streams, iteration);
-        adapter.update(stats.mean_acceptance_probability);
-        sampler.step_size = adapter.step_size();
-        if iteration >= plan.slow_start && window < plan.window_ends.len() {
-            variance.add_rows(sampler.current.position.view());
-            if iteration + 1 == plan.window_ends[window] {
-                sampler.set_inverse_metric(variance.regularized());
-                adapter.restart(sampler.step_size);
-                variance.reset();
-                window += 1;
-            }
-        }
+        let position = &sampler.current.position;
+        adaptation.update(
+            iteration,
+            std::slice::from_mut(&mut sampler.kernel),
+            &[stats.mean_acceptance_probability],
+            |_| position.view(),
+        );
     }
-    sampler.step_size = adapter.averaged_step_size();
+    adaptation.finish(std::slice::from_mut(&mut sampler.kernel));
 }
 
+/// Warm-up adaptation of one or more Langevin kernels run in lockstep: each step size by
+/// dual averaging on its own mean acceptance probability, each diagonal inverse metric at the
+/// end of every slow window of the shared [`WarmupPlan`], from the pooled variance of the
+/// chains that kernel moves.
+struct KernelAdaptation {
+    plan: WarmupPlan,
+    step_size: Vec<DualAveraging>,
+    variance: Vec<PooledVariance>,
+    window: usize,
+}
+
+impl KernelAdaptation {
+    fn new(kernels: &[Kernel], warmup: usize, adapt_metric: bool, target_acceptance: f64) -> Self {
+        KernelAdaptation {
+            plan: WarmupPlan::new(warmup, adapt_metric),
+            step_size: kernels
+                .iter()
+                .map(|k| DualAveraging::new(k.step_size, target_acceptance))
+                .collect(),
+            variance: kernels
+                .iter()
+                .map(|k| PooledVariance::new(k.inverse_metric.len()))
+                .collect(),
+            window: 0,
+        }
+    }
+
+    /// After warm-up iteration `iteration`, in which kernel k had mean acceptance probability
+    /// `acceptance[k]` and leaves its chains at `positions(k)`.
+    fn update<'a>(
+        &mut self,
+        iteration: usize,
+        kernels: &mut [Kernel],
+        acceptance: &[f64],
+        positions: impl Fn(usize) -> ArrayView2<'a, f64>,
+    ) {
+        for ((kernel, adapter), &probability) in
+            kernels.iter_mut().zip(&mut self.step_size).zip(acceptance)
+        {
+            adapter.update(probability);
+            kernel.step_size = adapter.step_size();
+        }
+        if iteration < self.plan.slow_start || self.window == self.plan.window_ends.len() {
+            return;
+        }
+        for (k, variance) in self.variance.iter_mut().enumerate() {
+            variance.add_rows(positions(k));
+        }
+        if iteration + 1 == self.plan.window_ends[self.window] {
+            for ((kernel, adapter), variance) in kernels
+                .iter_mut()
+                .zip(&mut self.step_size)
+                .zip(&mut self.variance)
+            {
+                kernel.set_inverse_metric(variance.regularized());
+                adapter.restart(kernel.step_size);
+                variance.reset();
+            }
+            self.window += 1;
+        }
+    }
+
+    /// Restarts dual averaging from the current step sizes (after the targets moved).
+    fn restart(&mut self, kernels: &[Kernel]) {
+        for (kernel, adapter) in kernels.iter().zip(&mut self.step_size) {
+            adapter.restart(kernel.step_size);
+        }
+    }
+
+    /// Freezes every step size at its averaged iterate.
+    fn finish(&self, kernels: &mut [Kernel]) {
+        for (kernel, adapter) in kernels.iter_mut().zip(&self.step_size) {
+            kernel.step_size = adapter.averaged_step_size();
+        }
+    }
+}
 /// Stan's warm-up schedule: the slow windows start at `slow_start` and end (exclusively) at
 /// each of `window_ends`; the remaining iterations form the terminal fast interval.
 struct WarmupPlan {
@@ -474,6 +597,111 @@ struct StepStats {
     accepted: usize,
 }
 
+/// Step size h and diagonal inverse metric D of one preconditioned Langevin proposal.
+#[derive(Clone, Debug)]
+struct Kernel {
+    step_size: f64,
+    inverse_metric: Array1<f64>,
+    /// √D, elementwise.
+    metric_scale: Array1<f64>,
+}
+
+impl Kernel {
+    /// Step size h with the identity metric on ℝ^d.
+    fn new(step_size: f64, d: usize) -> Self {
+        Kernel {
+            step_size,
+            inverse_metric: Array1::ones(d),
+            metric_scale: Array1::ones(d),
+        }
+    }
+
+    /// Installs a new inverse metric D, rescaling h so that the geometric mean of the
+    /// per-coordinate proposal scales h √D_i is unchanged.
+    fn set_inverse_metric(&mut self, inverse_metric: Array1<f64>) {
+        let log_ratio = Zip::from(&self.inverse_metric)
+            .and(&inverse_metric)
+            .fold(0.0, |acc, &old, &new| acc + (old / new).ln());
+        let d = inverse_metric.len().max(1) as f64;
+        self.step_size *= (0.5 * log_ratio / d).exp();
+        self.metric_scale = inverse_metric.mapv(f64::sqrt);
+        self.inverse_metric = inverse_metric;
+    }
+
+    /// Writes y = x + (h²/2) D ∇log π(x) + h √D ξ with ξ ~ N(0, I) from `rng`, and returns
+    /// −½|ξ|² = log q(y|x) + const.
+    fn propose(
+        &self,
+        x: ArrayView1<f64>,
+        gradient: ArrayView1<f64>,
+        mut y: ArrayViewMut1<f64>,
+        rng: &mut ChaCha8Rng,
+    ) -> f64 {
+        let h = self.step_size;
+        let drift = 0.5 * h * h;
+        let (metric, scale) = (&self.inverse_metric, &self.metric_scale);
+        let mut squares = 0.0;
+        for i in 0..y.len() {
+            let xi: f64 = rng.sample(StandardNormal);
+            squares += xi * xi;
+            y[i] = x[i] + drift * metric[i] * gradient[i] + h * scale[i] * xi;
+        }
+        -0.5 * squares
+    }
+
+    /// log α = log π(y) − log π(x) + log q(x|y) − log q(y|x), given
+    /// `log_forward` = log q(y|x) + const from [`Kernel::propose`]; −∞ for a non-finite
+    /// proposal.
+    fn log_acceptance_ratio(
+        &self,
+        x: ArrayView1<f64>,
+        y: ArrayView1<f64>,
+        gradient_y: ArrayView1<f64>,
+        log_pi_y: f64,
+        log_pi_x: f64,
+        log_forward: f64,
+    ) -> f64 {
+        if !log_pi_y.is_finite() || gradient_y.iter().any(|g| !g.is_finite()) {
+            return f64::NEG_INFINITY;
+        }
+        let h = self.step_size;
+        let (drift, variance) = (0.5 * h * h, h * h);
+        let metric = &self.inverse_metric;
+        let mut reverse = 0.0;
+        for i in 0..x.len() {
+            let r = x[i] - y[i] - drift * metric[i] * gradient_y[i];
+            reverse += r * r / (variance * metric[i]);
+        }
+        log_pi_y - log_pi_x - 0.5 * reverse - log_forward
+    }
+}
+
+/// log U for U uniform on [0, 1): 1 − U lies in (0, 1], so the logarithm is finite.
+fn log_uniform(rng: &mut ChaCha8Rng) -> f64 {
+    (1.0 - rng.random::<f64>()).ln()
+}
+
+/// min(1, α) from log α; a NaN ratio (which always rejects) counts as 0.
+fn acceptance_probability(log_ratio: f64) -> f64 {
+    if log_ratio.is_nan() {
+        0.0
+    } else {
+        log_ratio.min(0.0).exp()
+    }
+}
+
+/// Copies row i of `from` into row i of `to` wherever `accept[i]`.
+fn copy_accepted_rows(to: &mut Array2<f64>, from: &Array2<f64>, accept: &Array1<bool>) {
+    Zip::from(to.rows_mut())
+        .and(from.rows())
+        .and(accept)
+        .par_for_each(|mut to, from, &accept| {
+            if accept {
+                to.assign(&from);
+            }
+        });
+}
+
 /// The chains' state plus the preallocated proposal buffers of one iteration.
 struct Sampler {
     current: Batch,
@@ -482,9 +710,7 @@ struct Sampler {
     log_ratio: Array1<f64>,
     log_uniform: Array1<f64>,
     accept: Array1<bool>,
-    step_size: f64,
-    inverse_metric: Array1<f64>,
-    metric_scale: Array1<f64>,
+    kernel: Kernel,
 }
 
 impl Sampler {
@@ -510,61 +736,41 @@ impl Sampler {
             log_ratio: Array1::zeros(chains),
             log_uniform: Array1::zeros(chains),
             accept: Array1::from_elem(chains, false),
-            step_size,
-            inverse_metric: Array1::ones(d),
-            metric_scale: Array1::ones(d),
+            kernel: Kernel::new(step_size, d),
         })
     }
 
-    /// Installs a new inverse metric D, rescaling h so that the geometric mean of the
-    /// per-coordinate proposal scales h √D_i is unchanged.
-    fn set_inverse_metric(&mut self, inverse_metric: Array1<f64>) {
-        let log_ratio = Zip::from(&self.inverse_metric)
-            .and(&inverse_metric)
-            .fold(0.0, |acc, &old, &new| acc + (old / new).ln());
-        let d = inverse_metric.len().max(1) as f64;
-        self.step_size *= (0.5 * log_ratio / d).exp();
-        self.metric_scale = inverse_metric.mapv(f64::sqrt);
-        self.inverse_metric = inverse_metric;
-    }
-
     /// One MALA iteration of every chain: propose, evaluate, accept or reject.
-    fn step(&mut self, target: &impl LogDensity, streams: &Streams, iteration: usize) -> StepStats {
+    fn step(
+        &mut self,
+        target: &impl LogDensity,
+        streams: &KeyedStreams,
+        iteration: usize,
+    ) -> StepStats {
         self.propose(streams, iteration);
         self.proposal.evaluate(target);
         self.log_acceptance_ratio();
         self.accept_or_reject()
     }
 
-    /// y = x + (h²/2) D ∇log π(x) + h √D ξ; stores −½|ξ|² = log q(y|x) + const and log U.
-    fn propose(&mut self, streams: &Streams, iteration: usize) {
-        let h = self.step_size;
-        let drift = 0.5 * h * h;
-        let (metric, scale) = (&self.inverse_metric, &self.metric_scale);
+    /// Langevin proposals of every chain; stores log q(y|x) + const and log U.
+    fn propose(&mut self, streams: &KeyedStreams, iteration: usize) {
+        let kernel = &self.kernel;
         Zip::indexed(&mut self.log_ratio)
             .and(&mut self.log_uniform)
             .and(self.proposal.position.rows_mut())
             .and(self.current.position.rows())
             .and(self.current.gradient.rows())
-            .par_for_each(|chain, log_forward, log_uniform, mut y, x, gradient| {
-                let mut rng = streams.rng(Purpose::Reference, iteration, chain);
-                let mut squares = 0.0;
-                for i in 0..y.len() {
-                    let xi: f64 = rng.sample(StandardNormal);
-                    squares += xi * xi;
-                    y[i] = x[i] + drift * metric[i] * gradient[i] + h * scale[i] * xi;
-                }
-                *log_forward = -0.5 * squares;
-                // 1 − U lies in (0, 1], so its logarithm is finite.
-                *log_uniform = (1.0 - rng.random::<f64>()).ln();
+            .par_for_each(|chain, log_forward, log_u, y, x, gradient| {
+                let mut rng = streams.rng(iteration, chain);
+                *log_forward = kernel.propose(x, gradient, y, &mut rng);
+                *log_u = log_uniform(&mut rng);
             });
     }
 
-    /// log α = log π(y) − log π(x) + log q(x|y) − log q(y|x); −∞ for a non-finite proposal.
+    /// log α of every chain ([`Kernel::log_acceptance_ratio`]).
     fn log_acceptance_ratio(&mut self) {
-        let h = self.step_size;
-        let (drift, variance) = (0.5 * h * h, h * h);
-        let metric = &self.inverse_metric;
+        let kernel = &self.kernel;
         Zip::from(&mut self.log_ratio)
             .and(self.proposal.position.rows())
             .and(self.current.position.rows())
@@ -572,16 +778,8 @@ impl Sampler {
             .and(&self.proposal.log_density)
             .and(&self.current.log_density)
             .par_for_each(|log_ratio, y, x, gradient_y, &log_pi_y, &log_pi_x| {
-                if !log_pi_y.is_finite() || gradient_y.iter().any(|g| !g.is_finite()) {
-                    *log_ratio = f64::NEG_INFINITY;
-                    return;
-                }
-                let mut reverse = 0.0;
-                for i in 0..x.len() {
-                    let r = x[i] - y[i] - drift * metric[i] * gradient_y[i];
-                    reverse += r * r / (variance * metric[i]);
-                }
-                *log_ratio = log_pi_y - log_pi_x - 0.5 * reverse - *log_ratio;
+                *log_ratio =
+                    kernel.log_acceptance_ratio(x, y, gradient_y, log_pi_y, log_pi_x, *log_ratio);
             });
     }
 
@@ -591,11 +789,7 @@ impl Sampler {
         let mut accepted = 0;
         for c in 0..self.accept.len() {
             let log_ratio = self.log_ratio[c];
-            probability_sum += if log_ratio.is_nan() {
-                0.0
-            } else {
-                log_ratio.min(0.0).exp()
-            };
+            probability_sum += acceptance_probability(log_ratio);
             let accept = self.log_uniform[c] < log_ratio;
             self.accept[c] = accept;
             if accept {
@@ -603,21 +797,691 @@ impl Sampler {
                 accepted += 1;
             }
         }
-        Zip::from(self.current.position.rows_mut())
-            .and(self.current.gradient.rows_mut())
-            .and(self.proposal.position.rows())
-            .and(self.proposal.gradient.rows())
-            .and(&self.accept)
-            .par_for_each(|mut x, mut gradient_x, y, gradient_y, &accept| {
-                if accept {
-                    x.assign(&y);
-                    gradient_x.assign(&gradient_y);
-                }
-            });
+        copy_accepted_rows(
+            &mut self.current.position,
+            &self.proposal.position,
+            &self.accept,
+        );
+        copy_accepted_rows(
+            &mut self.current.gradient,
+            &self.proposal.gradient,
+            &self.accept,
+        );
         StepStats {
             mean_acceptance_probability: probability_sum / self.accept.len() as f64,
             accepted,
         }
+    }
+}
+
+/// A tractable base law b on ℝ^d: exact draws, and log b(x) + const with its gradient
+/// through [`LogDensity`].
+///
+/// It is the hottest level (λ = 0) of [`tempered_mala`], where every iteration draws a
+/// fresh state from it. A law that covers every mode of the target (for a product of
+/// mixtures, e.g. the first expert's mixture, or a widened copy of it) keeps the swaps
+/// between adjacent levels frequent.
+pub trait BaseLaw: LogDensity {
+    /// Overwrites `row` (length d) with an exact draw from b, using only `rng`.
+    fn sample(&self, row: ArrayViewMut1<f64>, rng: &mut ChaCha8Rng);
+}
+
+/// Settings of a replica-exchange MALA run ([`tempered_mala`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TemperingConfig {
+    /// Number of independent replica ensembles (chains); at least 1, and
+    /// `chains · levels ≤ 2^32 − 1` (one random stream per replica).
+    pub chains: usize,
+    /// Ladder size L: levels λ_0 = 0 < … < λ_{L−1} = 1 per chain; at least 2.
+    pub levels: usize,
+    /// Warm-up iterations, discarded; step sizes, metrics and the ladder adapt here.
+    pub warmup: usize,
+    /// Cold-level draws kept per chain after warm-up; at least 4.
+    pub samples_per_chain: usize,
+    /// One iteration in `thin` is kept after warm-up; at least 1.
+    pub thin: usize,
+    /// Step size h of every level at the start of warm-up (and throughout when
+    /// `warmup == 0`); finite, > 0.
+    pub initial_step_size: f64,
+    /// Mean Metropolis acceptance probability that warm-up aims for at each level; in (0, 1).
+    pub target_acceptance: f64,
+    /// Whether warm-up estimates a diagonal inverse metric per level (as [`MalaConfig`]).
+    pub adapt_metric: bool,
+    /// Whether the first half of warm-up moves the interior levels λ_1 … λ_{L−2} towards
+    /// equal swap acceptance in every adjacent pair; when off the ladder stays at its start
+    /// λ_l = (l / (L − 1))².
+    pub adapt_ladder: bool,
+}
+
+impl TemperingConfig {
+    /// A configuration with the defaults of [`MalaConfig::new`] (`thin = 1`,
+    /// `initial_step_size = 0.1`, `target_acceptance = 0.574`, `adapt_metric = true`) and
+    /// `adapt_ladder = true`.
+    pub fn new(chains: usize, levels: usize, warmup: usize, samples_per_chain: usize) -> Self {
+        TemperingConfig {
+            chains,
+            levels,
+            warmup,
+            samples_per_chain,
+            thin: 1,
+            initial_step_size: 0.1,
+            target_acceptance: 0.574,
+            adapt_metric: true,
+            adapt_ladder: true,
+        }
+    }
+
+    /// Checks every field; the error names the first invalid one.
+    pub fn validate(&self) -> Result<()> {
+        if self.chains == 0 {
+            return Err(Error::invalid("chains", "must be at least 1"));
+        }
+        if self.levels < 2 {
+            return Err(Error::invalid(
+                "levels",
+                format!(
+                    "must be at least 2 (the base λ = 0 and the target λ = 1), got {}",
+                    self.levels
+                ),
+            ));
+        }
+        if self
+            .chains
+            .checked_mul(self.levels)
+            .is_none_or(|n| n > STREAM_LIMIT)
+        {
+            return Err(Error::invalid(
+                "chains",
+                "chains × levels must be at most 2^32 − 1 (one random stream per replica)",
+            ));
+        }
+        validate_schedule(
+            self.warmup,
+            self.samples_per_chain,
+            self.thin,
+            self.initial_step_size,
+            self.target_acceptance,
+        )
+    }
+}
+
+/// Cold-level draws of a replica-exchange run, their diagnostics, and the ladder's state.
+#[derive(Clone, Debug)]
+pub struct TemperingOutput {
+    /// Draws of the cold level λ = 1 (which samples q̃), chain-major, with split-R̂ and
+    /// bulk ESS across chains; its `step_size`, `inverse_metric` and `acceptance_rate` are
+    /// those of the cold level.
+    pub cold: MalaOutput,
+    /// Ladder λ_0 = 0 < … < λ_{L−1} = 1 used after warm-up.
+    pub ladder: Array1<f64>,
+    /// Step size per level after warm-up; NaN at level 0, which draws exactly from b.
+    pub step_sizes: Array1<f64>,
+    /// Diagonal inverse metric per level after warm-up, L × d (ones at level 0).
+    pub inverse_metrics: Array2<f64>,
+    /// Post-warm-up fraction of accepted moves per level (1 at level 0).
+    pub acceptance_rates: Array1<f64>,
+    /// Post-warm-up fraction of accepted exchanges between levels l and l + 1, length L − 1.
+    pub swap_acceptance_rates: Array1<f64>,
+}
+
+/// Runs `config.chains` replica-exchange ensembles bridging the base law b (λ = 0) to the
+/// target q̃ (λ = 1) and returns the cold-level draws (module docs: the scheme).
+///
+/// Every replica starts from an exact draw of b (stream `(Purpose::Init, 0, c · L + l)`).
+/// Errors: an invalid `config` ([`TemperingConfig::validate`]); `base.dim() != target.dim()`
+/// ([`Error::Dimension`]); a non-finite tempered log-density or gradient at the start of a
+/// level l ≥ 1, e.g. a base draw outside the target's support ([`Error::NonFinite`] with
+/// step 0 and the replica `c · L + l`). A non-finite proposal is rejected, and so is an
+/// exchange with a non-finite or NaN ratio.
+pub fn tempered_mala(
+    target: &impl LogDensity,
+    base: &impl BaseLaw,
+    config: &TemperingConfig,
+    seed: u64,
+) -> Result<TemperingOutput> {
+    config.validate()?;
+    if base.dim() != target.dim() {
+        return Err(Error::Dimension {
+            context: "tempering base law (dimension = target dimension)".into(),
+            expected: target.dim(),
+            found: base.dim(),
+        });
+    }
+    let streams = Streams::new(seed);
+    let (chains, levels) = (config.chains, config.levels);
+    let init = replica_init(base, chains * levels, &streams);
+    let mut sampler = TemperedSampler::new(target, base, init, config)?;
+    let streams = streams.keyed(Purpose::Reference);
+
+    tempered_warm_up(&mut sampler, target, base, &streams, config);
+
+    let (kept, d) = (config.samples_per_chain, target.dim());
+    let mut draws = Array3::<f64>::zeros((chains, kept, d));
+    let mut tally = SwapTally::new(levels);
+    for k in 0..kept {
+        for j in 0..config.thin {
+            let iteration = config.warmup + k * config.thin + j;
+            sampler.step(target, base, &streams, iteration);
+            tally.add(&sampler.stats, iteration, chains);
+        }
+        draws
+            .index_axis_mut(Axis(1), k)
+            .assign(&sampler.level_positions(levels - 1));
+    }
+    let moves = (chains * kept * config.thin) as f64;
+    let acceptance_rates = tally.accepted.mapv(|a| a as f64 / moves);
+    let swap_acceptance_rates = Zip::from(&tally.swap_accepted)
+        .and(&tally.swap_proposed)
+        .map_collect(|&a, &n| a as f64 / n as f64);
+    let mut inverse_metrics = Array2::ones((levels, d));
+    for (l, kernel) in sampler.kernels.iter().enumerate().skip(1) {
+        inverse_metrics.row_mut(l).assign(&kernel.inverse_metric);
+    }
+    let step_sizes = Array1::from_shape_fn(levels, |l| {
+        if l == 0 {
+            f64::NAN
+        } else {
+            sampler.kernels[l].step_size
+        }
+    });
+    let cold_kernel = sampler.kernels.swap_remove(levels - 1);
+    Ok(TemperingOutput {
+        cold: MalaOutput::from_draws(draws, cold_kernel, acceptance_rates[levels - 1]),
+        ladder: Array1::from(sampler.ladder),
+        step_sizes,
+        inverse_metrics,
+        acceptance_rates,
+        swap_acceptance_rates,
+    })
+}
+
+/// Exact draws from b for every replica: row r from stream `(Purpose::Init, 0, r)`.
+fn replica_init(base: &impl BaseLaw, replicas: usize, streams: &Streams) -> Array2<f64> {
+    let keyed = streams.keyed(Purpose::Init);
+    let mut init = Array2::zeros((replicas, base.dim()));
+    Zip::indexed(init.rows_mut()).par_for_each(|r, row| base.sample(row, &mut keyed.rng(0, r)));
+    init
+}
+
+/// The ladder's start λ_l = (l / (L − 1))²: denser near the base, where ℓ = log q̃ − log b
+/// varies most over the broad draws of b.
+fn initial_ladder(levels: usize) -> Vec<f64> {
+    let top = (levels - 1) as f64;
+    (0..levels).map(|l| (l as f64 / top).powi(2)).collect()
+}
+
+/// Warm-up of the replica ensembles: every level's kernel adapts as in [`mala`] (its own
+/// dual averaging and metric windows); in the first half, the ladder adapts too
+/// ([`LadderAdaptation`]), and once it freezes the step sizes restart their dual averaging
+/// from where they are, so that the averaged iterate only remembers the final ladder.
+fn tempered_warm_up(
+    sampler: &mut TemperedSampler,
+    target: &impl LogDensity,
+    base: &impl BaseLaw,
+    streams: &KeyedStreams,
+    config: &TemperingConfig,
+) {
+    if config.warmup == 0 {
+        return;
+    }
+    let ladder_end = if config.adapt_ladder && config.levels > 2 {
+        config.warmup / 2
+    } else {
+        0
+    };
+    let mut ladder = LadderAdaptation::new(&sampler.ladder);
+    // Level 0 draws exactly from b: only levels 1..L have a kernel to adapt.
+    let mut adaptation = KernelAdaptation::new(
+        &sampler.kernels[1..],
+        config.warmup,
+        config.adapt_metric,
+        config.target_acceptance,
+    );
+    for iteration in 0..config.warmup {
+        sampler.step(target, base, streams, iteration);
+        if iteration < ladder_end {
+            ladder.observe(&sampler.stats.swap_probability);
+            if iteration % 2 == 1 {
+                ladder.update(&mut sampler.ladder);
+                sampler.set_ladder();
+            }
+            if iteration + 1 == ladder_end {
+                adaptation.restart(&sampler.kernels[1..]);
+            }
+        }
+        let (position, levels) = (&sampler.current.tempered.position, config.levels);
+        adaptation.update(
+            iteration,
+            &mut sampler.kernels[1..],
+            &sampler.stats.acceptance_probability[1..],
+            |k| position.slice_axis(Axis(0), Slice::from(k + 1..).step_by(levels as isize)),
+        );
+    }
+    adaptation.finish(&mut sampler.kernels[1..]);
+}
+
+/// Stochastic approximation of a ladder with equal swap acceptance in every adjacent pair.
+///
+/// The gaps are `λ_{l+1} − λ_l = softmax(s)_l`, so λ_0 = 0 and λ_{L−1} = 1 stay fixed and
+/// the levels stay ordered. After each even and odd iteration (every pair proposed once),
+/// `s_l += γ_k (ᾱ_l − mean_j ᾱ_j)` with ᾱ_l the swap acceptance probability of pair l
+/// averaged over chains and `γ_k = (k + 1)^{−0.6}`: a pair that swaps more often than the
+/// others widens its gap. Equal acceptance across pairs is the usual heuristic for a fixed
+/// number of levels (Kone & Kofke 2005; Miasojedow, Moulines & Vihola 2013 adapt towards a
+/// fixed rate instead, which needs a free number of levels).
+struct LadderAdaptation {
+    log_gaps: Vec<f64>,
+    swap_probability: Vec<f64>,
+    updates: usize,
+}
+
+impl LadderAdaptation {
+    fn new(ladder: &[f64]) -> Self {
+        LadderAdaptation {
+            log_gaps: ladder.windows(2).map(|w| (w[1] - w[0]).ln()).collect(),
+            swap_probability: vec![0.0; ladder.len() - 1],
+            updates: 0,
+        }
+    }
+
+    /// Adds one iteration's mean swap acceptance probabilities (0 for pairs not proposed).
+    fn observe(&mut self, swap_probability: &[f64]) {
+        for (sum, &p) in self.swap_probability.iter_mut().zip(swap_probability) {
+            *sum += p;
+        }
+    }
+
+    /// One Robbins–Monro step on the log-gaps; rewrites the interior of `ladder`.
+    fn update(&mut self, ladder: &mut [f64]) {
+        let gain = (self.updates as f64 + 1.0).powf(-0.6);
+        let mean = self.swap_probability.iter().sum::<f64>() / self.swap_probability.len() as f64;
+        for (s, &p) in self.log_gaps.iter_mut().zip(&self.swap_probability) {
+            *s += gain * (p - mean);
+        }
+        self.swap_probability.fill(0.0);
+        self.updates += 1;
+        let top = self
+            .log_gaps
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
+        let total: f64 = self.log_gaps.iter().map(|s| (s - top).exp()).sum();
+        let mut lambda = 0.0;
+        let last = ladder.len() - 1;
+        for (l, s) in self.log_gaps[..last - 1].iter().enumerate() {
+            lambda += (s - top).exp() / total;
+            ladder[l + 1] = lambda.min(1.0);
+        }
+        ladder[0] = 0.0;
+        ladder[last] = 1.0;
+    }
+}
+
+/// (1 − λ) log b + λ log q̃ (or the same of gradients), with 0 · ±∞ = 0 at the ends of the
+/// ladder, where one of the two laws drops out.
+fn bridge(lambda: f64, base: f64, target: f64) -> f64 {
+    let weighted = |w: f64, v: f64| if w == 0.0 { 0.0 } else { w * v };
+    weighted(1.0 - lambda, base) + weighted(lambda, target)
+}
+
+/// Replica states with the two densities they bridge: log q̃ and log b with gradients, and
+/// in `tempered` log π_λ and ∇log π_λ at each row's level (row c · L + l is level l of
+/// chain c).
+struct Replicas {
+    tempered: Batch,
+    log_target: Array1<f64>,
+    target_gradient: Array2<f64>,
+    log_base: Array1<f64>,
+    base_gradient: Array2<f64>,
+}
+
+impl Replicas {
+    fn new(position: Array2<f64>) -> Self {
+        let (n, d) = position.dim();
+        Replicas {
+            tempered: Batch::new(position),
+            log_target: Array1::zeros(n),
+            target_gradient: Array2::zeros((n, d)),
+            log_base: Array1::zeros(n),
+            base_gradient: Array2::zeros((n, d)),
+        }
+    }
+
+    /// One batched evaluation of each density over all rows.
+    fn evaluate(&mut self, target: &impl LogDensity, base: &impl BaseLaw) {
+        let position = self.tempered.position.view();
+        target.log_density_and_gradient(
+            position,
+            self.log_target.view_mut(),
+            self.target_gradient.view_mut(),
+        );
+        base.log_density_and_gradient(
+            position,
+            self.log_base.view_mut(),
+            self.base_gradient.view_mut(),
+        );
+    }
+
+    /// Recomputes log π_λ and its gradient of every row from `row_lambda[r]`.
+    fn temper(&mut self, row_lambda: &Array1<f64>) {
+        Zip::from(&mut self.tempered.log_density)
+            .and(row_lambda)
+            .and(&self.log_base)
+            .and(&self.log_target)
+            .par_for_each(|value, &lambda, &base, &target| *value = bridge(lambda, base, target));
+        Zip::from(self.tempered.gradient.rows_mut())
+            .and(row_lambda)
+            .and(self.base_gradient.rows())
+            .and(self.target_gradient.rows())
+            .par_for_each(|mut gradient, &lambda, base, target| {
+                Zip::from(&mut gradient)
+                    .and(&base)
+                    .and(&target)
+                    .for_each(|g, &b, &t| *g = bridge(lambda, b, t));
+            });
+    }
+
+    /// ℓ = log q̃ − log b of row r, the log-ratio that drives the exchanges.
+    fn log_ratio(&self, r: usize) -> f64 {
+        self.log_target[r] - self.log_base[r]
+    }
+
+    /// Copies the accepted rows of `from`.
+    fn accept_rows(&mut self, from: &Replicas, accept: &Array1<bool>) {
+        for (r, _) in accept.iter().enumerate().filter(|(_, a)| **a) {
+            self.tempered.log_density[r] = from.tempered.log_density[r];
+            self.log_target[r] = from.log_target[r];
+            self.log_base[r] = from.log_base[r];
+        }
+        let (to, from_tempered) = (&mut self.tempered, &from.tempered);
+        copy_accepted_rows(&mut to.position, &from_tempered.position, accept);
+        copy_accepted_rows(&mut to.gradient, &from_tempered.gradient, accept);
+        copy_accepted_rows(&mut self.target_gradient, &from.target_gradient, accept);
+        copy_accepted_rows(&mut self.base_gradient, &from.base_gradient, accept);
+    }
+
+    /// Exchanges the states of rows a and b, which sit at levels λ_a and λ_b.
+    fn exchange(&mut self, a: usize, b: usize, lambda_a: f64, lambda_b: f64) {
+        for matrix in [
+            &mut self.tempered.position,
+            &mut self.target_gradient,
+            &mut self.base_gradient,
+        ] {
+            for i in 0..matrix.ncols() {
+                matrix.swap([a, i], [b, i]);
+            }
+        }
+        self.log_target.swap(a, b);
+        self.log_base.swap(a, b);
+        for (r, lambda) in [(a, lambda_a), (b, lambda_b)] {
+            self.tempered.log_density[r] = bridge(lambda, self.log_base[r], self.log_target[r]);
+            for i in 0..self.tempered.gradient.ncols() {
+                self.tempered.gradient[[r, i]] = bridge(
+                    lambda,
+                    self.base_gradient[[r, i]],
+                    self.target_gradient[[r, i]],
+                );
+            }
+        }
+    }
+}
+
+/// What one replica-exchange iteration reports; reduced over chains in chain order.
+struct TemperedStats {
+    /// Mean over chains of the Metropolis acceptance probability, per level (1 at level 0).
+    acceptance_probability: Vec<f64>,
+    /// Accepted moves per level.
+    accepted: Vec<usize>,
+    /// Mean over chains of the exchange acceptance probability per pair (l, l + 1); 0 for
+    /// the pairs not proposed in this iteration.
+    swap_probability: Vec<f64>,
+    /// Accepted exchanges per pair.
+    swap_accepted: Vec<usize>,
+}
+
+impl TemperedStats {
+    fn new(levels: usize) -> Self {
+        TemperedStats {
+            acceptance_probability: vec![0.0; levels],
+            accepted: vec![0; levels],
+            swap_probability: vec![0.0; levels - 1],
+            swap_accepted: vec![0; levels - 1],
+        }
+    }
+}
+
+/// Post-warm-up counts of accepted moves per level and of proposed and accepted exchanges
+/// per pair.
+struct SwapTally {
+    accepted: Array1<usize>,
+    swap_accepted: Array1<usize>,
+    swap_proposed: Array1<usize>,
+}
+
+impl SwapTally {
+    fn new(levels: usize) -> Self {
+        SwapTally {
+            accepted: Array1::zeros(levels),
+            swap_accepted: Array1::zeros(levels - 1),
+            swap_proposed: Array1::zeros(levels - 1),
+        }
+    }
+
+    fn add(&mut self, stats: &TemperedStats, iteration: usize, chains: usize) {
+        Zip::from(&mut self.accepted)
+            .and(&stats.accepted)
+            .for_each(|total, &a| *total += a);
+        Zip::indexed(&mut self.swap_accepted)
+            .and(&mut self.swap_proposed)
+            .and(&stats.swap_accepted)
+            .for_each(|l, total, proposed, &a| {
+                *total += a;
+                if l % 2 == iteration % 2 {
+                    *proposed += chains;
+                }
+            });
+    }
+}
+
+/// Replica ensembles of all chains (row c · L + l is level l of chain c), the ladder, one
+/// Langevin kernel per level, and the preallocated buffers of one iteration.
+struct TemperedSampler {
+    current: Replicas,
+    proposal: Replicas,
+    levels: usize,
+    ladder: Vec<f64>,
+    /// λ of each row's level: `row_lambda[c · L + l] = λ_l`.
+    row_lambda: Array1<f64>,
+    /// The kernel of level l at index l; index 0 is unused (level 0 draws exactly from b).
+    kernels: Vec<Kernel>,
+    /// −½|ξ|² after the proposal, then log α after the Metropolis–Hastings ratio.
+    log_ratio: Array1<f64>,
+    /// Per row: log U of the Metropolis test, then log U of the exchange with the level
+    /// above (drawn by every row, used by the lower row of each proposed pair).
+    log_uniform: Array2<f64>,
+    accept: Array1<bool>,
+    stats: TemperedStats,
+}
+
+impl TemperedSampler {
+    /// Evaluates the initial replicas; a non-finite tempered value at a level l ≥ 1 is an
+    /// error (level 0 never uses its own).
+    fn new(
+        target: &impl LogDensity,
+        base: &impl BaseLaw,
+        init: Array2<f64>,
+        config: &TemperingConfig,
+    ) -> Result<Self> {
+        let (n, d) = init.dim();
+        let levels = config.levels;
+        let ladder = initial_ladder(levels);
+        let row_lambda = Array1::from_shape_fn(n, |r| ladder[r % levels]);
+        let mut current = Replicas::new(init);
+        current.evaluate(target, base);
+        current.temper(&row_lambda);
+        let bad = (0..n).find(|&r| {
+            r % levels != 0
+                && (!current.tempered.log_density[r].is_finite()
+                    || current
+                        .tempered
+                        .gradient
+                        .row(r)
+                        .iter()
+                        .any(|g| !g.is_finite()))
+        });
+        if let Some(particle) = bad {
+            return Err(Error::NonFinite {
+                step: 0,
+                what: "initial tempered log-density or gradient (a base draw outside the target's support?)",
+                particle,
+            });
+        }
+        Ok(TemperedSampler {
+            proposal: Replicas::new(current.tempered.position.clone()),
+            current,
+            levels,
+            ladder,
+            row_lambda,
+            kernels: vec![Kernel::new(config.initial_step_size, d); levels],
+            log_ratio: Array1::zeros(n),
+            log_uniform: Array2::zeros((n, 2)),
+            accept: Array1::from_elem(n, false),
+            stats: TemperedStats::new(levels),
+        })
+    }
+
+    /// The replicas of level l, chains in order (a strided view).
+    fn level_positions(&self, level: usize) -> ArrayView2<'_, f64> {
+        self.current
+            .tempered
+            .position
+            .slice_axis(Axis(0), Slice::from(level..).step_by(self.levels as isize))
+    }
+
+    /// Installs `self.ladder` (changed by adaptation) in every row's tempered values.
+    fn set_ladder(&mut self) {
+        let (ladder, levels) = (&self.ladder, self.levels);
+        self.row_lambda
+            .indexed_iter_mut()
+            .for_each(|(r, lambda)| *lambda = ladder[r % levels]);
+        self.current.temper(&self.row_lambda);
+    }
+
+    /// One iteration: exact redraw of level 0 and MALA moves of the others, then exchanges
+    /// between the even (iteration even) or odd (iteration odd) adjacent pairs.
+    fn step(
+        &mut self,
+        target: &impl LogDensity,
+        base: &impl BaseLaw,
+        streams: &KeyedStreams,
+        iteration: usize,
+    ) {
+        self.propose(base, streams, iteration);
+        self.proposal.evaluate(target, base);
+        self.proposal.temper(&self.row_lambda);
+        self.log_acceptance_ratio();
+        self.accept_or_reject();
+        self.exchange(iteration % 2);
+    }
+
+    /// Level 0: a fresh draw of b. Levels l ≥ 1: a Langevin proposal on log π_{λ_l}. Every
+    /// row then draws the log-uniform of its exchange with the level above.
+    fn propose(&mut self, base: &impl BaseLaw, streams: &KeyedStreams, iteration: usize) {
+        let (kernels, levels) = (&self.kernels, self.levels);
+        Zip::indexed(&mut self.log_ratio)
+            .and(self.log_uniform.rows_mut())
+            .and(self.proposal.tempered.position.rows_mut())
+            .and(self.current.tempered.position.rows())
+            .and(self.current.tempered.gradient.rows())
+            .par_for_each(|row, log_forward, mut log_u, y, x, gradient| {
+                let mut rng = streams.rng(iteration, row);
+                let level = row % levels;
+                if level == 0 {
+                    base.sample(y, &mut rng);
+                    *log_forward = 0.0;
+                    log_u[0] = f64::NEG_INFINITY;
+                } else {
+                    *log_forward = kernels[level].propose(x, gradient, y, &mut rng);
+                    log_u[0] = log_uniform(&mut rng);
+                }
+                log_u[1] = log_uniform(&mut rng);
+            });
+    }
+
+    /// log α per row; +∞ at level 0, whose exact draw is an independent proposal from
+    /// π_0 = b itself and is always accepted.
+    fn log_acceptance_ratio(&mut self) {
+        let (kernels, levels) = (&self.kernels, self.levels);
+        let (current, proposal) = (&self.current.tempered, &self.proposal.tempered);
+        self.log_ratio
+            .as_slice_mut()
+            .expect("an owned vector is contiguous")
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(row, log_ratio)| {
+                let level = row % levels;
+                *log_ratio = if level == 0 {
+                    f64::INFINITY
+                } else {
+                    kernels[level].log_acceptance_ratio(
+                        current.position.row(row),
+                        proposal.position.row(row),
+                        proposal.gradient.row(row),
+                        proposal.log_density[row],
+                        current.log_density[row],
+                        *log_ratio,
+                    )
+                };
+            });
+    }
+
+    /// Accepts row r when log U_r < log α_r (a NaN ratio rejects) and copies its proposal.
+    fn accept_or_reject(&mut self) {
+        let stats = &mut self.stats;
+        stats.acceptance_probability.fill(0.0);
+        stats.accepted.fill(0);
+        for r in 0..self.accept.len() {
+            let level = r % self.levels;
+            let log_ratio = self.log_ratio[r];
+            stats.acceptance_probability[level] += acceptance_probability(log_ratio);
+            let accept = self.log_uniform[[r, 0]] < log_ratio;
+            self.accept[r] = accept;
+            stats.accepted[level] += usize::from(accept);
+        }
+        let chains = (self.accept.len() / self.levels) as f64;
+        stats
+            .acceptance_probability
+            .iter_mut()
+            .for_each(|p| *p /= chains);
+        self.current.accept_rows(&self.proposal, &self.accept);
+    }
+
+    /// Proposes to exchange levels (l, l + 1) for every l ≡ `parity` (mod 2) in every chain,
+    /// accepting with probability min(1, exp((λ_{l+1} − λ_l)(ℓ(x_l) − ℓ(x_{l+1})))).
+    fn exchange(&mut self, parity: usize) {
+        let (levels, ladder) = (self.levels, &self.ladder);
+        let stats = &mut self.stats;
+        stats.swap_probability.fill(0.0);
+        stats.swap_accepted.fill(0);
+        let chains = self.accept.len() / levels;
+        for chain in 0..chains {
+            for level in (parity..levels - 1).step_by(2) {
+                let lower = chain * levels + level;
+                let gap = 1.0 + 0.0 * (ladder[level + 1] - ladder[level]);
+                let log_ratio =
+                    gap * (self.current.log_ratio(lower) - self.current.log_ratio(lower + 1));
+                stats.swap_probability[level] += acceptance_probability(log_ratio);
+                if self.log_uniform[[lower, 1]] < log_ratio {
+                    stats.swap_accepted[level] += 1;
+                    self.current
+                        .exchange(lower, lower + 1, ladder[level], ladder[level + 1]);
+                }
+            }
+        }
+        stats
+            .swap_probability
+            .iter_mut()
+            .for_each(|p| *p /= chains as f64);
     }
 }
 
@@ -1458,6 +2322,395 @@ mod tests {
             approx::assert_abs_diff_eq!(standard_normal_quantile(p), z, epsilon = 1e-8);
             approx::assert_abs_diff_eq!(standard_normal_quantile(1.0 - p), -z, epsilon = 1e-8);
         }
+    }
+
+    /// Σ_k w_k N(μ_k, σ_k²) on ℝ, with exact draws (a component, then a Gaussian).
+    struct Mixture1d {
+        weights: Vec<f64>,
+        means: Vec<f64>,
+        sds: Vec<f64>,
+    }
+
+    impl LogDensity for Mixture1d {
+        fn dim(&self) -> usize {
+            1
+        }
+
+        fn log_density_and_gradient(
+            &self,
+            x: ArrayView2<f64>,
+            mut log_density: ArrayViewMut1<f64>,
+            mut gradient: ArrayViewMut2<f64>,
+        ) {
+            Zip::from(x.rows())
+                .and(&mut log_density)
+                .and(gradient.rows_mut())
+                .for_each(|x, log_density, mut gradient| {
+                    let terms: Vec<(f64, f64)> = (0..self.weights.len())
+                        .map(|k| {
+                            let z = (x[0] - self.means[k]) / self.sds[k];
+                            let log = self.weights[k].ln() - self.sds[k].ln() - 0.5 * z * z;
+                            (log, -z / self.sds[k])
+                        })
+                        .collect();
+                    let top = terms.iter().map(|t| t.0).fold(f64::NEG_INFINITY, f64::max);
+                    let total: f64 = terms.iter().map(|t| (t.0 - top).exp()).sum();
+                    *log_density = top + total.ln();
+                    gradient[0] =
+                        terms.iter().map(|t| (t.0 - top).exp() * t.1).sum::<f64>() / total;
+                });
+        }
+    }
+
+    impl BaseLaw for Mixture1d {
+        fn sample(&self, mut row: ArrayViewMut1<f64>, rng: &mut ChaCha8Rng) {
+            let u: f64 = rng.random();
+            let mut k = 0;
+            let mut cumulative = self.weights[0];
+            while u >= cumulative && k + 1 < self.weights.len() {
+                k += 1;
+                cumulative += self.weights[k];
+            }
+            let xi: f64 = rng.sample(StandardNormal);
+            row[0] = self.means[k] + self.sds[k] * xi;
+        }
+    }
+
+    /// N(μ, diag(σ²)) with exact draws.
+    struct DiagonalGaussian {
+        mean: Array1<f64>,
+        sd: Array1<f64>,
+    }
+
+    impl LogDensity for DiagonalGaussian {
+        fn dim(&self) -> usize {
+            self.mean.len()
+        }
+
+        fn log_density_and_gradient(
+            &self,
+            x: ArrayView2<f64>,
+            mut log_density: ArrayViewMut1<f64>,
+            mut gradient: ArrayViewMut2<f64>,
+        ) {
+            Zip::from(x.rows())
+                .and(&mut log_density)
+                .and(gradient.rows_mut())
+                .for_each(|x, log_density, mut gradient| {
+                    let z = (&x - &self.mean) / &self.sd;
+                    *log_density = -0.5 * z.dot(&z);
+                    gradient.assign(&(-&z / &self.sd));
+                });
+        }
+    }
+
+    impl BaseLaw for DiagonalGaussian {
+        fn sample(&self, mut row: ArrayViewMut1<f64>, rng: &mut ChaCha8Rng) {
+            for i in 0..row.len() {
+                let xi: f64 = rng.sample(StandardNormal);
+                row[i] = self.mean[i] + self.sd[i] * xi;
+            }
+        }
+    }
+
+    /// q̃ = 0.3 N(−6, 1) + 0.7 N(6, 1) and b = ½ N(−6, 2) + ½ N(6, 2).
+    fn separated_modes() -> (Mixture1d, Mixture1d) {
+        let target = Mixture1d {
+            weights: vec![0.3, 0.7],
+            means: vec![-6.0, 6.0],
+            sds: vec![1.0, 1.0],
+        };
+        let base = Mixture1d {
+            weights: vec![0.5, 0.5],
+            means: vec![-6.0, 6.0],
+            sds: vec![2f64.sqrt(); 2],
+        };
+        (target, base)
+    }
+
+    #[test]
+    fn tempering_test_laws_have_exact_gradients_and_draws() {
+        let (target, base) = separated_modes();
+        assert_gradient(&target, spread_init(9, &[0.0], 7.0, 1));
+        assert_gradient(&base, spread_init(9, &[0.0], 7.0, 2));
+        let gaussian = DiagonalGaussian {
+            mean: array![-1.0, 1.0],
+            sd: array![2.0, 3.0],
+        };
+        assert_gradient(&gaussian, spread_init(5, &[0.0, 0.0], 3.0, 3));
+        // Draws of b: P(x > 0) = ½ within z = 4 for 40 000 iid draws (sd 0.0025).
+        let draws = replica_init(&base, 40_000, &Streams::new(4));
+        let upper = draws.iter().filter(|&&x| x > 0.0).count() as f64 / 40_000.0;
+        assert!((upper - 0.5).abs() < 4.0 * 0.0025, "P(x > 0) = {upper}");
+    }
+
+    /// Modes 12 sd apart: every MALA chain keeps its mode, so plain MALA started from the
+    /// replicas' cold states (base draws, in both modes) has R̂ ≈ 6. Through the base level
+    /// the tempered chains mix: the cold mode weight P(x > 0) = 0.7 is recovered within
+    /// z = 4 for a stated ESS of 8000 of the indicator out of 16 × 4000 draws (asserted
+    /// against the measured one, ≈ 17 000; sd √(0.21/8000) ≈ 0.005), and R̂ < 1.01.
+    #[test]
+    fn tempering_mixes_between_separated_modes() {
+        const ESS: f64 = 8000.0;
+        let (target, base) = separated_modes();
+        let config = TemperingConfig::new(16, 4, 1000, 4000);
+        let out = tempered_mala(&target, &base, &config, 3).unwrap();
+        assert_eq!(out.cold.samples.dim(), (16 * 4000, 1));
+
+        let indicator = out.cold.draws().mapv(|x| f64::from(u8::from(x > 0.0)));
+        let ess = ess_mean(indicator.view())[0];
+        assert!(ess >= ESS, "measured ESS of the indicator {ess}");
+        let weight = indicator.mean().unwrap();
+        let tolerance = 4.0 * (0.7 * 0.3 / ESS).sqrt();
+        assert!(
+            (weight - 0.7).abs() < tolerance,
+            "P(x > 0) = {weight} (tolerance {tolerance})"
+        );
+        assert!(
+            out.cold.max_split_rhat < 1.01,
+            "tempered R̂ {}",
+            out.cold.split_rhat
+        );
+        assert!(out.swap_acceptance_rates.iter().all(|&a| a > 0.2));
+
+        let init = replica_init(&base, 16 * 4, &Streams::new(3))
+            .slice_axis(Axis(0), Slice::from(3..).step_by(4))
+            .to_owned();
+        let plain = mala(&target, init, &MalaConfig::new(16, 1000, 4000), 3).unwrap();
+        assert!(
+            plain.max_split_rhat > 2.0,
+            "plain MALA R̂ {}",
+            plain.max_split_rhat
+        );
+    }
+
+    /// Gaussian bridge: base N((−1, 1), diag(4, 9)) to the correlated Gaussian target.
+    /// Moments within z = 4 standard errors for a stated ESS of 5000 out of 16 × 4000
+    /// draws, asserted against the measured ESS (≈ 7500 for the means, ≈ 10 000 for the
+    /// second moments; sampling variances as in the MALA test above).
+    #[test]
+    fn tempering_recovers_gaussian_moments() {
+        const ESS: f64 = 5000.0;
+        const Z: f64 = 4.0;
+        let (target, covariance) = correlated_gaussian();
+        let base = DiagonalGaussian {
+            mean: array![-1.0, 1.0],
+            sd: array![2.0, 3.0],
+        };
+        let config = TemperingConfig::new(16, 3, 1000, 4000);
+        let out = tempered_mala(&target, &base, &config, 8).unwrap();
+
+        let functionals = moment_functionals(out.cold.draws(), &target.mean);
+        let measured_ess = ess_mean(functionals.view());
+        assert!(
+            measured_ess.iter().all(|&e| e >= ESS),
+            "measured ESS {measured_ess} below the assumed {ESS}"
+        );
+        let estimates = functionals
+            .mean_axis(Axis(0))
+            .unwrap()
+            .mean_axis(Axis(0))
+            .unwrap();
+        let (v1, v2, c12) = (covariance[[0, 0]], covariance[[1, 1]], covariance[[0, 1]]);
+        let (a, b) = (estimates[0], estimates[1]);
+        let checks = [
+            ("mean 1", a, 0.0, v1.sqrt()),
+            ("mean 2", b, 0.0, v2.sqrt()),
+            ("var 1", estimates[2] - a * a, v1, (2.0 * v1 * v1).sqrt()),
+            ("var 2", estimates[3] - b * b, v2, (2.0 * v2 * v2).sqrt()),
+            (
+                "cov",
+                estimates[4] - a * b,
+                c12,
+                (v1 * v2 + c12 * c12).sqrt(),
+            ),
+        ];
+        for (name, estimate, exact, sd) in checks {
+            let tolerance = Z * sd / ESS.sqrt();
+            assert!(
+                (estimate - exact).abs() < tolerance,
+                "{name}: {estimate} vs {exact} (tolerance {tolerance})"
+            );
+        }
+        assert!(out.cold.max_split_rhat < 1.01, "R̂ {}", out.cold.split_rhat);
+        assert!(
+            out.acceptance_rates
+                .iter()
+                .skip(1)
+                .all(|a| (0.45..0.75).contains(a)),
+            "acceptance {} far from the 0.574 target",
+            out.acceptance_rates
+        );
+    }
+
+    /// With q̃ = b every level is b and ℓ is constant: each exchange has ratio exactly 1.
+    #[test]
+    fn exchanges_between_equal_laws_are_always_accepted() {
+        let (_, base) = separated_modes();
+        let config = TemperingConfig::new(4, 3, 50, 20);
+        let out = tempered_mala(&base, &base, &config, 1).unwrap();
+        assert_eq!(out.swap_acceptance_rates, array![1.0, 1.0]);
+        assert_eq!(out.acceptance_rates[0], 1.0);
+    }
+
+    /// A narrow target N(0, 0.1²) under a broad base N(0, 5²): the fixed quadratic ladder
+    /// leaves swap rates far apart; the adapted one brings them within 0.1 of each other,
+    /// keeping λ_0 = 0 < … < λ_4 = 1.
+    #[test]
+    fn ladder_adaptation_equalises_swap_rates() {
+        let target = DiagonalGaussian {
+            mean: array![0.0],
+            sd: array![0.1],
+        };
+        let base = DiagonalGaussian {
+            mean: array![0.0],
+            sd: array![5.0],
+        };
+        let mut config = TemperingConfig::new(16, 5, 2000, 1000);
+        let spread = |rates: &Array1<f64>| {
+            rates.fold(0.0, |m: f64, &r| m.max(r)) - rates.fold(1.0, |m: f64, &r| m.min(r))
+        };
+        let adapted = tempered_mala(&target, &base, &config, 2).unwrap();
+        config.adapt_ladder = false;
+        let fixed = tempered_mala(&target, &base, &config, 2).unwrap();
+        assert_eq!(fixed.ladder, array![0.0, 1.0 / 16.0, 0.25, 9.0 / 16.0, 1.0]);
+        let ladder = &adapted.ladder;
+        assert!(ladder[0] == 0.0 && ladder[4] == 1.0);
+        assert!(
+            ladder.windows(2).into_iter().all(|w| w[0] < w[1]),
+            "{ladder}"
+        );
+        let (a, f) = (
+            spread(&adapted.swap_acceptance_rates),
+            spread(&fixed.swap_acceptance_rates),
+        );
+        assert!(
+            a < 0.1 && f > 0.2,
+            "adapted {} vs fixed {}",
+            adapted.swap_acceptance_rates,
+            fixed.swap_acceptance_rates
+        );
+    }
+
+    #[test]
+    fn tempered_runs_are_bit_identical_on_any_thread_count() {
+        let (target, base) = separated_modes();
+        let mut config = TemperingConfig::new(4, 3, 100, 50);
+        config.thin = 2;
+        let run = |threads: usize, seed: u64| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| tempered_mala(&target, &base, &config, seed).unwrap())
+        };
+        let (one, two) = (run(1, 5), run(2, 5));
+        let bits = |a: ArrayView2<f64>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(one.cold.samples.view()), bits(two.cold.samples.view()));
+        let ladders = |o: &TemperingOutput| bits(o.ladder.view().insert_axis(Axis(0)));
+        assert_eq!(ladders(&one), ladders(&two));
+        let steps = |o: &TemperingOutput| bits(o.step_sizes.view().insert_axis(Axis(0)));
+        assert_eq!(steps(&one), steps(&two));
+        assert_eq!(one.swap_acceptance_rates, two.swap_acceptance_rates);
+        assert_eq!(one.cold.split_rhat, two.cold.split_rhat);
+        assert_ne!(
+            bits(one.cold.samples.view()),
+            bits(run(2, 6).cold.samples.view())
+        );
+    }
+
+    #[test]
+    fn invalid_tempering_config_and_laws_are_named() {
+        let field = |config: TemperingConfig| match config.validate() {
+            Err(Error::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        let valid = TemperingConfig::new(4, 3, 10, 10);
+        assert!(valid.validate().is_ok());
+        let cases = [
+            (
+                "chains",
+                TemperingConfig {
+                    chains: 0,
+                    ..valid.clone()
+                },
+            ),
+            (
+                "levels",
+                TemperingConfig {
+                    levels: 1,
+                    ..valid.clone()
+                },
+            ),
+            (
+                "chains",
+                TemperingConfig {
+                    chains: 1 << 31,
+                    ..valid.clone()
+                },
+            ),
+            (
+                "samples_per_chain",
+                TemperingConfig {
+                    samples_per_chain: 3,
+                    ..valid.clone()
+                },
+            ),
+            (
+                "thin",
+                TemperingConfig {
+                    thin: 0,
+                    ..valid.clone()
+                },
+            ),
+            (
+                "warmup",
+                TemperingConfig {
+                    warmup: usize::MAX,
+                    ..valid.clone()
+                },
+            ),
+            (
+                "initial_step_size",
+                TemperingConfig {
+                    initial_step_size: 0.0,
+                    ..valid.clone()
+                },
+            ),
+            (
+                "target_acceptance",
+                TemperingConfig {
+                    target_acceptance: 0.0,
+                    ..valid.clone()
+                },
+            ),
+        ];
+        for (name, config) in cases {
+            assert_eq!(field(config), name);
+        }
+
+        let (target, base) = correlated_gaussian();
+        let (_, wrong_dimension) = separated_modes();
+        let _ = base;
+        let err = tempered_mala(&target, &wrong_dimension, &valid, 0).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Dimension {
+                    expected: 2,
+                    found: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // Base draws on ℝ, target supported on (0, ∞): some replica starts outside.
+        let broad = DiagonalGaussian {
+            mean: array![0.0],
+            sd: array![1.0],
+        };
+        let err = tempered_mala(&Gamma { shape: 3.0 }, &broad, &valid, 0).unwrap_err();
+        assert!(matches!(err, Error::NonFinite { step: 0, .. }), "{err:?}");
     }
 
     proptest::proptest! {

@@ -213,6 +213,17 @@ pub struct Step {
     pub noise: f64,
 }
 
+impl Step {
+    /// The noise level at the step's left point `τ_k`.
+    pub fn level(&self) -> crate::model::NoiseLevel {
+        crate::model::NoiseLevel {
+            tau: self.tau.0,
+            alpha: self.alpha,
+            sigma: self.sigma,
+        }
+    }
+}
+
 /// The sampler's grid of steps from noise (`τ_max`) to data (`τ_min`).
 #[derive(Clone, Debug)]
 pub struct TimeGrid {

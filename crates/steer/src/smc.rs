@@ -131,6 +131,8 @@ pub struct StepInfo {
     pub log_normalizer: f64,
     /// Control coefficients `θ` (DriftLite), empty otherwise.
     pub theta: Vec<f64>,
+    /// `Var_W(G)` before control (DriftLite), for comparison with `potential_variance`.
+    pub uncontrolled_variance: Option<f64>,
     /// Evaluations made during this step.
     pub evaluations: EvaluationCounts,
 }
@@ -236,6 +238,7 @@ pub fn run(
             resampled,
             log_normalizer,
             theta: stats.theta,
+            uncontrolled_variance: stats.uncontrolled_variance,
             evaluations: target.evaluations().snapshot().since(&before),
         };
         observe(&info);

@@ -1,8 +1,10 @@
 //! Sampling methods: each is one `advance` (move the particles, return log-weight
 //! increments) plugged into the single loop of [`crate::smc::run`].
 
+mod driftlite;
 mod guided;
 
+pub use driftlite::{Control, DivergenceEstimator, DriftLite, DriftLiteConfig, refine};
 pub use guided::{Guidance, GuidedSampler};
 
 use ndarray::ArrayViewMut1;
@@ -30,6 +32,8 @@ pub struct StepContext<'a> {
 pub struct StepStats {
     /// Control coefficients `θ` (DriftLite); empty for other methods.
     pub theta: Vec<f64>,
+    /// `Var_W(G)` of the uncontrolled potential rate, for controlled methods (DriftLite).
+    pub uncontrolled_variance: Option<f64>,
 }
 
 /// A sampling method: a Markov kernel with its incremental log-weights.

@@ -1,0 +1,609 @@
+//! DriftLite: variance- and energy-controlling guidance (MATH.md §5).
+//!
+//! On top of the guided drift, particles move with a control `b = Σ_a θ_a B_a` and pay for it
+//! in the weights with the compensating potential `H_a = S·B_a + ∇·B_a`, which has zero mean
+//! under `q_t` (§5.1), so the target is unchanged: the increment is `Δt (G + θ·H)`. Each
+//! step chooses `θ` by one small linear solve over the current weighted particles:
+//!
+//! * VCG (§5.3): `A = Cov_W(H, H)`, `c = −Cov_W(G, H)` — the exact minimiser of the empirical
+//!   weighted variance of the potential;
+//! * ECG (§5.4): `A = E_W[B_a·B_b]`, `c = Cov_W(G, χ)` with scalar bases `χ_a`, `B_a = ∇χ_a`.
+//!
+//! Bases (§5.5): the reward gradient `∇r` (`∇·B = Δr`, `χ = r`), each expert's score `s_e`
+//! (`∇·B = ∇·s_e`, `χ = log p_e`) and the forward drift `−f̄ x` (`∇·B = −f̄ d`,
+//! `χ = −f̄|x|²/2`; absent under VE). The solve is ridge-regularised with Jacobi scaling
+//! (§5.6). Iterative refinement (§5.10) runs several passes, each fitting a correction on top
+//! of the previous pass's `θ`.
+
+use ndarray::{Array1, Array2, ArrayViewMut1, Axis, Zip};
+use rand_distr::{Distribution, StandardNormal};
+
+use super::{Method, StepContext, StepStats};
+use crate::error::{Error, Result};
+use crate::linalg::{self, axpy, dot};
+use crate::model::{Probe, ScoreOutput, hutchinson_divergence};
+use crate::population::Population;
+use crate::reward::RewardOutput;
+use crate::rng::Purpose;
+use crate::schedule::TimeGrid;
+use crate::smc::{self, Run, Settings, StepInfo, check_finite};
+use crate::target::Target;
+use crate::weights::LogWeights;
+
+/// How `θ` is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Variance-controlling guidance (VCG).
+    Variance,
+    /// Energy-controlling guidance (ECG); needs the experts' log-densities.
+    Energy,
+}
+
+/// How `∇·s_e` of the score bases is obtained.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DivergenceEstimator {
+    /// The model's exact divergence (Gaussian mixtures).
+    Exact,
+    /// Hutchinson's estimator with central-difference Jacobian-vector products (§5.7).
+    Hutchinson {
+        /// Probes per particle and step (default 1).
+        probes: usize,
+        /// Probe distribution.
+        probe: Probe,
+    },
+}
+
+/// DriftLite settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DriftLiteConfig {
+    /// VCG or ECG.
+    pub control: Control,
+    /// Ridge `ε_r` added to the Jacobi-scaled matrix (default 1e-8, §5.6).
+    pub ridge: f64,
+    /// Divergence of the score bases.
+    pub divergence: DivergenceEstimator,
+}
+
+impl DriftLiteConfig {
+    /// Checks the ridge and the probe count.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.ridge.is_finite() && self.ridge >= 0.0) {
+            return Err(Error::invalid(
+                "driftlite.ridge",
+                format!("must be finite and ≥ 0, got {}", self.ridge),
+            ));
+        }
+        if let DivergenceEstimator::Hutchinson { probes: 0, .. } = self.divergence {
+            return Err(Error::invalid("driftlite.probes", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// One control basis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Basis {
+    Reward,
+    Score(usize),
+    Drift,
+}
+
+/// DriftLite VCG/ECG as a [`Method`]; resampling is the engine's policy (never for VCG/ECG,
+/// ESS-triggered for VCG-SMC/ECG-SMC).
+#[derive(Debug)]
+pub struct DriftLite<'a> {
+    target: &'a Target,
+    config: DriftLiteConfig,
+    /// Controls of a previous refinement pass, one `θ` per step (§5.10).
+    previous: Option<Vec<Vec<f64>>>,
+    buffers: Buffers,
+}
+
+#[derive(Debug, Default)]
+struct Buffers {
+    scores: Vec<Array2<f64>>,
+    divergences: Vec<Array1<f64>>,
+    log_densities: Vec<Array1<f64>>,
+    tilted: Array2<f64>,
+    reward: Array1<f64>,
+    reward_gradient: Array2<f64>,
+    reward_laplacian: Array1<f64>,
+    /// `N` potential rates `G`.
+    potential: Array1<f64>,
+    /// `N × n` basis potentials `H_a`.
+    compensators: Array2<f64>,
+    /// `N × n` scalar bases `χ_a` (ECG).
+    scalars: Array2<f64>,
+    /// `N × n²` products `B_a·B_b` (ECG).
+    gram: Array2<f64>,
+}
+
+impl<'a> DriftLite<'a> {
+    /// DriftLite on `target`.
+    pub fn new(target: &'a Target, config: DriftLiteConfig) -> Result<Self> {
+        config.validate()?;
+        if config.control == Control::Energy {
+            if let Some(e) = target
+                .experts()
+                .iter()
+                .position(|e| !e.model.provides_log_density())
+            {
+                return Err(Error::Unsupported(format!(
+                    "ECG needs log-densities for its score bases and experts[{e}] has none: use VCG"
+                )));
+            }
+        }
+        if config.divergence == DivergenceEstimator::Exact {
+            if let Some(e) = target
+                .experts()
+                .iter()
+                .position(|e| !e.model.provides_divergence())
+            {
+                return Err(Error::Unsupported(format!(
+                    "experts[{e}] has no exact divergence: use the Hutchinson estimator"
+                )));
+            }
+        }
+        Ok(DriftLite {
+            target,
+            config,
+            previous: None,
+            buffers: Buffers::default(),
+        })
+    }
+
+    /// Starts from the per-step controls of a previous pass (iterative refinement).
+    pub fn with_previous(mut self, previous: Vec<Vec<f64>>) -> Self {
+        self.previous = Some(previous);
+        self
+    }
+
+    fn bases(&self, drift_rate: f64) -> Vec<Basis> {
+        let mut b = Vec::new();
+        if self.target.reward().is_some() {
+            b.push(Basis::Reward);
+        }
+        b.extend((0..self.target.experts().len()).map(Basis::Score));
+        if drift_rate != 0.0 {
+            b.push(Basis::Drift);
+        }
+        b
+    }
+
+    /// Evaluates, at the step's left point, the scores, rewards, the potential rate `G`, the
+    /// basis potentials `H_a` (and the ECG scalars and Gram products) for every particle of
+    /// `x`; returns the bases in use.
+    fn evaluate(&mut self, ctx: &StepContext<'_>, x: &Array2<f64>) -> Result<Vec<Basis>> {
+        let target = self.target;
+        let step = ctx.step;
+        let k = step.index;
+        let (n, d) = x.dim();
+        let experts = target.experts().len();
+        let energy = self.config.control == Control::Energy;
+        let f_rate = step.drift / step.dt;
+        let bases = self.bases(f_rate);
+        let nb = bases.len();
+        let b = &mut self.buffers;
+        fit(b, experts, n, d, nb);
+        let level = step.level();
+        let exact_div = self.config.divergence == DivergenceEstimator::Exact;
+
+        // Scores, with the divergence and log-density the bases need.
+        for e in 0..experts {
+            target.expert_score(
+                e,
+                &level,
+                x.view(),
+                ScoreOutput {
+                    score: b.scores[e].view_mut(),
+                    log_density: energy.then(|| b.log_densities[e].view_mut()),
+                    divergence: exact_div.then(|| b.divergences[e].view_mut()),
+                },
+            )?;
+            check_finite(&b.scores[e], k, "score")?;
+            if let DivergenceEstimator::Hutchinson { probes, probe } = self.config.divergence {
+                let keyed = ctx.streams.keyed(Purpose::Probe);
+                let x = x.view();
+                b.divergences[e] = hutchinson_divergence(
+                    x,
+                    &level,
+                    probes,
+                    probe,
+                    |i| keyed.rng(k, i * experts + e),
+                    |xs, out| {
+                        target.expert_score(
+                            e,
+                            &level,
+                            xs,
+                            ScoreOutput {
+                                score: out,
+                                log_density: None,
+                                divergence: None,
+                            },
+                        )
+                    },
+                )?;
+            }
+        }
+        let (beta, beta_next) = ctx.beta;
+        let has_reward = target.reward().is_some();
+        if has_reward {
+            target.reward_eval(
+                x.view(),
+                RewardOutput {
+                    value: Some(b.reward.view_mut()),
+                    gradient: Some(b.reward_gradient.view_mut()),
+                    laplacian: Some(b.reward_laplacian.view_mut()),
+                },
+            )?;
+            check_finite(&b.reward_gradient, k, "reward gradient")?;
+        }
+
+        // Per particle: S, the potential rate G (MATH.md §4.3 divided by Δt), and H_a, χ_a, B_a·B_b.
+        let gammas: Vec<f64> = target.experts().iter().map(|e| e.gamma).collect();
+        let constant = -(target.total_gamma() - 1.0) * d as f64 * f_rate;
+        let (u_rate, beta_rate) = (step.diffusion / step.dt, (beta_next - beta) / step.dt);
+        let Buffers {
+            scores,
+            divergences,
+            log_densities,
+            tilted,
+            reward,
+            reward_gradient,
+            reward_laplacian,
+            potential,
+            compensators,
+            scalars,
+            gram,
+        } = &mut *b;
+        let (scores, divergences, log_densities) = (&*scores, &*divergences, &*log_densities);
+        let (reward, reward_gradient, reward_laplacian) =
+            (&*reward, &*reward_gradient, &*reward_laplacian);
+        let per_particle = |i: usize,
+                            x: &[f64],
+                            s: &mut [f64],
+                            h: &mut [f64],
+                            chi: &mut [f64],
+                            gram: &mut [f64]|
+         -> f64 {
+            s.fill(0.0);
+            for (score, &gamma) in scores.iter().zip(&gammas) {
+                axpy(s, gamma, score.row(i).to_slice().expect("contiguous"));
+            }
+            let grad = reward_gradient.row(i);
+            let grad = grad.to_slice().expect("contiguous");
+            if has_reward {
+                axpy(s, beta, grad);
+            }
+            let mut g = constant + 0.5 * u_rate * dot(s, s);
+            for (score, &gamma) in scores.iter().zip(&gammas) {
+                let se = score.row(i);
+                let se = se.to_slice().expect("contiguous");
+                g -= 0.5 * u_rate * gamma * dot(se, se);
+            }
+            if has_reward {
+                g += beta_rate * reward[i]
+                    + f_rate * beta * dot(x, grad)
+                    + 0.5 * u_rate * beta * reward_laplacian[i];
+            }
+            let field = |a: usize| -> Option<&[f64]> {
+                match bases[a] {
+                    Basis::Reward => Some(grad),
+                    Basis::Score(e) => Some(scores[e].row(i).to_slice().expect("contiguous")),
+                    Basis::Drift => None,
+                }
+            };
+            for a in 0..nb {
+                // H_a = S·B_a + ∇·B_a; the drift field −f̄x is handled in closed form.
+                h[a] = match bases[a] {
+                    Basis::Reward => dot(s, grad) + reward_laplacian[i],
+                    Basis::Score(e) => dot(s, field(a).unwrap()) + divergences[e][i],
+                    Basis::Drift => -f_rate * (dot(s, x) + d as f64),
+                };
+                if energy {
+                    chi[a] = match bases[a] {
+                        Basis::Reward => reward[i],
+                        Basis::Score(e) => log_densities[e][i],
+                        Basis::Drift => -0.5 * f_rate * dot(x, x),
+                    };
+                    for c in 0..nb {
+                        gram[a * nb + c] = match (field(a), field(c)) {
+                            (Some(p), Some(q)) => dot(p, q),
+                            (Some(p), None) | (None, Some(p)) => -f_rate * dot(p, x),
+                            (None, None) => f_rate * f_rate * dot(x, x),
+                        };
+                    }
+                }
+            }
+            g
+        };
+        let positions = x;
+        Zip::indexed(tilted.rows_mut())
+            .and(potential)
+            .and(compensators.rows_mut())
+            .and(scalars.rows_mut())
+            .and(gram.rows_mut())
+            .par_for_each(|i, mut s, g, mut h, mut chi, mut gram| {
+                *g = per_particle(
+                    i,
+                    positions.row(i).to_slice().expect("contiguous"),
+                    s.as_slice_mut().expect("contiguous"),
+                    h.as_slice_mut().expect("contiguous"),
+                    chi.as_slice_mut().expect("contiguous"),
+                    gram.as_slice_mut().expect("contiguous"),
+                );
+            });
+        check_finite_vec(&b.potential, k, "potential")?;
+        check_finite(&b.compensators, k, "compensating potential")?;
+
+        Ok(bases)
+    }
+
+    /// The potential rate `G` (`N`) and the basis potentials `H_a` (`N × n`, one column per
+    /// basis: reward, one per expert, drift) at the step's left point, for particles `x`.
+    /// A diagnostic (tests check `E_q[H_a] = 0`); [`Method::advance`] uses the same values.
+    pub fn potentials(
+        &mut self,
+        ctx: &StepContext<'_>,
+        x: &Array2<f64>,
+    ) -> Result<(Array1<f64>, Array2<f64>)> {
+        self.evaluate(ctx, x)?;
+        Ok((
+            self.buffers.potential.clone(),
+            self.buffers.compensators.clone(),
+        ))
+    }
+}
+
+impl Method for DriftLite<'_> {
+    fn name(&self) -> &str {
+        match self.config.control {
+            Control::Variance => "vcg",
+            Control::Energy => "ecg",
+        }
+    }
+
+    fn weighted(&self) -> bool {
+        true
+    }
+
+    fn advance(
+        &mut self,
+        ctx: &StepContext<'_>,
+        population: &mut Population,
+        weights: &LogWeights,
+        mut increments: ArrayViewMut1<f64>,
+    ) -> Result<StepStats> {
+        let bases = self.evaluate(ctx, &population.x)?;
+        let nb = bases.len();
+        let (step, k) = (ctx.step, ctx.step.index);
+        let b = &mut self.buffers;
+        // The weighted solve for θ (on top of a previous pass's θ when refining).
+        let w = weights.normalized();
+        let base_theta: Vec<f64> = match &self.previous {
+            Some(prev) => prev.get(k).cloned().unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let base_theta = if base_theta.len() == nb {
+            base_theta
+        } else {
+            vec![0.0; nb]
+        };
+        let mut effective = b.potential.clone();
+        for a in 0..nb {
+            effective.scaled_add(base_theta[a], &b.compensators.column(a));
+        }
+        let (a_mat, c_vec) = match self.config.control {
+            Control::Variance => {
+                let cov_hh = weighted_covariance(&w, &b.compensators, &b.compensators);
+                let cov_gh = weighted_covariance(
+                    &w,
+                    &effective.view().insert_axis(Axis(1)).to_owned(),
+                    &b.compensators,
+                );
+                (cov_hh, -cov_gh.row(0).to_owned())
+            }
+            Control::Energy => {
+                let gram = w
+                    .dot(&b.gram)
+                    .into_shape_with_order((nb, nb))
+                    .expect("n × n");
+                let cov_gc = weighted_covariance(
+                    &w,
+                    &effective.view().insert_axis(Axis(1)).to_owned(),
+                    &b.scalars,
+                );
+                (gram, cov_gc.row(0).to_owned())
+            }
+        };
+        let delta = ridge_solve(&a_mat, &c_vec, self.config.ridge);
+        let theta: Vec<f64> = base_theta
+            .iter()
+            .zip(delta.iter())
+            .map(|(t, d)| t + d)
+            .collect();
+
+        // Increments Δt (G + θ·H) and the move with the control drift Δt Σ θ_a B_a.
+        let uncontrolled_variance = weights.variance(b.potential.view());
+        let dt = step.dt;
+        Zip::from(&mut increments)
+            .and(&b.potential)
+            .and(b.compensators.rows())
+            .par_for_each(|inc, &g, h| {
+                *inc = dt * (g + theta.iter().zip(h.iter()).map(|(t, h)| t * h).sum::<f64>())
+            });
+        let (drift, half, noise_sd) = (
+            step.drift,
+            0.5 * (step.diffusion + step.noise),
+            step.noise.sqrt(),
+        );
+        let noise = ctx.streams.keyed(Purpose::Noise);
+        let bref = &*b;
+        let drift_theta: f64 = bases
+            .iter()
+            .zip(&theta)
+            .filter(|(b, _)| **b == Basis::Drift)
+            .map(|(_, t)| *t)
+            .sum();
+        Zip::indexed(population.x.rows_mut())
+            .and(bref.tilted.rows())
+            .par_for_each(|i, mut x_row, s| {
+                let x = x_row.as_slice_mut().expect("contiguous");
+                let s = s.to_slice().expect("contiguous");
+                let mut rng = noise.rng(k, i);
+                // The drift basis −f̄x contributes −Δt θ f̄ x = −θ 𝓕 x.
+                let own = drift * (1.0 - drift_theta);
+                for c in 0..x.len() {
+                    let mut control = 0.0;
+                    for (a, basis) in bases.iter().enumerate() {
+                        control += theta[a]
+                            * match basis {
+                                Basis::Reward => bref.reward_gradient[[i, c]],
+                                Basis::Score(e) => bref.scores[*e][[i, c]],
+                                Basis::Drift => 0.0,
+                            };
+                    }
+                    let xi: f64 = StandardNormal.sample(&mut rng);
+                    x[c] += own * x[c] + half * s[c] + dt * control + noise_sd * xi;
+                }
+            });
+        Ok(StepStats {
+            theta,
+            uncontrolled_variance: Some(uncontrolled_variance),
+        })
+    }
+}
+
+fn fit(b: &mut Buffers, experts: usize, n: usize, d: usize, nb: usize) {
+    if b.tilted.dim() != (n, d) || b.scores.len() != experts || b.compensators.ncols() != nb {
+        b.scores = (0..experts).map(|_| Array2::zeros((n, d))).collect();
+        b.divergences = (0..experts).map(|_| Array1::zeros(n)).collect();
+        b.log_densities = (0..experts).map(|_| Array1::zeros(n)).collect();
+        b.tilted = Array2::zeros((n, d));
+        b.reward = Array1::zeros(n);
+        b.reward_gradient = Array2::zeros((n, d));
+        b.reward_laplacian = Array1::zeros(n);
+        b.potential = Array1::zeros(n);
+        b.compensators = Array2::zeros((n, nb));
+        b.scalars = Array2::zeros((n, nb));
+        b.gram = Array2::zeros((n, nb * nb));
+    }
+}
+
+fn check_finite_vec(v: &Array1<f64>, step: usize, what: &'static str) -> Result<()> {
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(particle) => Err(Error::NonFinite {
+            step,
+            what,
+            particle,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// `Cov_W(U_a, V_b)` for the columns of `u` (`N × p`) and `v` (`N × q`).
+fn weighted_covariance(w: &Array1<f64>, u: &Array2<f64>, v: &Array2<f64>) -> Array2<f64> {
+    let mu = w.dot(u);
+    let mv = w.dot(v);
+    let cu = u - &mu;
+    let cv = v - &mv;
+    let weighted = &cu * &w.view().insert_axis(Axis(1));
+    weighted.t().dot(&cv)
+}
+
+/// Solves `A θ = c` as in MATH.md §5.6: drop bases with `A_aa < 10⁻¹² max A_aa`, scale to unit
+/// diagonal, add the ridge `ε_r I`, and solve by Cholesky (the scaled matrix plus a positive
+/// ridge is positive definite; with a zero ridge a singular system falls back to the
+/// minimum-norm least-squares solution of the kept bases).
+fn ridge_solve(a: &Array2<f64>, c: &Array1<f64>, ridge: f64) -> Array1<f64> {
+    let n = c.len();
+    let mut theta = Array1::zeros(n);
+    let max_diag = (0..n).map(|i| a[[i, i]]).fold(0.0, f64::max);
+    if !(max_diag > 0.0 && max_diag.is_finite()) {
+        return theta;
+    }
+    let kept: Vec<usize> = (0..n).filter(|&i| a[[i, i]] >= 1e-12 * max_diag).collect();
+    let m = kept.len();
+    let scale: Vec<f64> = kept.iter().map(|&i| a[[i, i]].sqrt()).collect();
+    let mut a_hat = Array2::from_shape_fn((m, m), |(p, q)| {
+        a[[kept[p], kept[q]]] / (scale[p] * scale[q])
+    });
+    let c_hat = Array1::from_shape_fn(m, |p| c[kept[p]] / scale[p]);
+    for p in 0..m {
+        a_hat[[p, p]] += ridge;
+    }
+    let solved = match linalg::cholesky(a_hat.view()) {
+        Ok(l) => linalg::cholesky_solve(l.view(), c_hat.view()),
+        Err(_) => {
+            // Minimum-norm fallback: a tiny ridge makes the system positive definite.
+            let mut a2 = a_hat.clone();
+            for p in 0..m {
+                a2[[p, p]] += 1e-10;
+            }
+            match linalg::cholesky(a2.view()) {
+                Ok(l) => linalg::cholesky_solve(l.view(), c_hat.view()),
+                Err(_) => Array1::zeros(m),
+            }
+        }
+    };
+    for (p, &i) in kept.iter().enumerate() {
+        theta[i] = solved[p] / scale[p];
+    }
+    theta
+}
+
+/// Iterative refinement (DriftLite Algorithm 2, MATH.md §5.10): `passes` runs, each starting
+/// afresh from `q_0` with seed `settings.seed + pass` and fitting `θ_k` on top of the previous
+/// pass's. Returns the last pass, with evaluation counts and wall time summed over passes.
+pub fn refine(
+    target: &Target,
+    grid: &TimeGrid,
+    settings: &Settings,
+    config: DriftLiteConfig,
+    passes: usize,
+    observe: &mut dyn FnMut(usize, &StepInfo),
+) -> Result<Run> {
+    if passes == 0 {
+        return Err(Error::invalid("driftlite.passes", "must be at least 1"));
+    }
+    let mut previous: Option<Vec<Vec<f64>>> = None;
+    let mut total_evaluations = None;
+    let mut wall = std::time::Duration::ZERO;
+    let mut last = None;
+    for pass in 0..passes {
+        let mut method = DriftLite::new(target, config)?;
+        if let Some(p) = previous.take() {
+            method = method.with_previous(p);
+        }
+        let mut s = settings.clone();
+        s.seed = settings.seed.wrapping_add(pass as u64);
+        let run = smc::run(&mut method, target, grid, &s, &mut |info| {
+            observe(pass, info)
+        })?;
+        previous = Some(run.trace.iter().map(|i| i.theta.clone()).collect());
+        total_evaluations = Some(match total_evaluations {
+            None => run.evaluations,
+            Some(t) => add_counts(t, run.evaluations),
+        });
+        wall += run.wall_time;
+        last = Some(run);
+    }
+    let mut run = last.expect("passes ≥ 1");
+    run.evaluations = total_evaluations.expect("passes ≥ 1");
+    run.wall_time = wall;
+    Ok(run)
+}
+
+fn add_counts(
+    a: crate::target::EvaluationCounts,
+    b: crate::target::EvaluationCounts,
+) -> crate::target::EvaluationCounts {
+    crate::target::EvaluationCounts {
+        score: a.score + b.score,
+        log_density: a.log_density + b.log_density,
+        divergence: a.divergence + b.divergence,
+        reward_value: a.reward_value + b.reward_value,
+        reward_gradient: a.reward_gradient + b.reward_gradient,
+        reward_laplacian: a.reward_laplacian + b.reward_laplacian,
+    }
+}
