@@ -8,7 +8,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use ndarray::Array1;
 use serde::Deserialize;
-use steer::model::ScoreModel;
+use steer::method::{Control, DivergenceEstimator, DriftLiteConfig, Guidance};
+use steer::model::{Probe, ScoreModel};
 use steer::resample::Scheme;
 use steer::reward::{Linear, MixtureLogDensity, Quadratic, Reward};
 use steer::schedule::{GridKind, Schedule, TimeGrid};
@@ -21,7 +22,7 @@ use crate::io;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Sampling method: "base", "pg" or "g-smc".
+    /// Sampling method: "base", "pg", "g-smc", "vcg", "vcg-smc", "ecg" or "ecg-smc".
     pub method: String,
     /// Number of particles N.
     pub particles: usize,
@@ -42,6 +43,40 @@ pub struct Config {
     /// Output settings.
     #[serde(default)]
     pub output: OutputConfig,
+    /// DriftLite settings (methods vcg, vcg-smc, ecg, ecg-smc).
+    pub driftlite: Option<DriftLiteSection>,
+}
+
+/// `[driftlite]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DriftLiteSection {
+    /// Ridge ε_r of the Jacobi-scaled solve (default 1e-8).
+    pub ridge: Option<f64>,
+    /// "exact" (default when every expert has one) or "hutchinson".
+    pub divergence: Option<String>,
+    /// Hutchinson probes per particle and step (default 1).
+    pub probes: Option<usize>,
+    /// Hutchinson probe law: "rademacher" (default) or "gaussian".
+    pub probe: Option<String>,
+    /// Refinement passes of Algorithm 2 (default 1: plain Algorithm 1).
+    pub passes: Option<usize>,
+}
+
+/// What `method` runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Plan {
+    /// Base sampler, PG or G-SMC.
+    Guided(Guidance),
+    /// DriftLite with its settings and refinement passes; `resamples` for the -smc variants.
+    DriftLite {
+        /// Solver settings.
+        config: DriftLiteConfig,
+        /// Refinement passes (≥ 1).
+        passes: usize,
+        /// Whether the variant resamples.
+        resamples: bool,
+    },
 }
 
 /// `[schedule]`.
@@ -281,6 +316,101 @@ impl ScheduleConfig {
 }
 
 impl Config {
+    /// The method to run, validated.
+    pub fn plan(&self, target: &Target) -> Result<Plan> {
+        let driftlite = |control: Control, resamples: bool| -> Result<Plan> {
+            let section = self.driftlite.as_ref();
+            let get = |f: fn(&DriftLiteSection) -> Option<f64>, default: f64, name: &str| {
+                finite(&format!("driftlite.{name}"), section.and_then(f), default)
+            };
+            let ridge = get(|s| s.ridge, 1e-8, "ridge")?;
+            let exact_available = target
+                .experts()
+                .iter()
+                .all(|e| e.model.provides_divergence());
+            let default = if exact_available {
+                "exact"
+            } else {
+                "hutchinson"
+            };
+            let divergence = match section
+                .and_then(|s| s.divergence.as_deref())
+                .unwrap_or(default)
+            {
+                "exact" => DivergenceEstimator::Exact,
+                "hutchinson" => DivergenceEstimator::Hutchinson {
+                    probes: section.and_then(|s| s.probes).unwrap_or(1),
+                    probe: match section
+                        .and_then(|s| s.probe.as_deref())
+                        .unwrap_or("rademacher")
+                    {
+                        "rademacher" => Probe::Rademacher,
+                        "gaussian" => Probe::Gaussian,
+                        other => bail!(
+                            "`driftlite.probe` = \"{other}\" is unknown (expected rademacher or gaussian)"
+                        ),
+                    },
+                },
+                other => bail!(
+                    "`driftlite.divergence` = \"{other}\" is unknown (expected exact or hutchinson)"
+                ),
+            };
+            if divergence == DivergenceEstimator::Exact
+                && section.is_some_and(|s| s.probes.is_some() || s.probe.is_some())
+            {
+                bail!(
+                    "`driftlite.probes` and `driftlite.probe` apply only to divergence = \"hutchinson\""
+                );
+            }
+            let passes = section.and_then(|s| s.passes).unwrap_or(1);
+            if passes == 0 {
+                bail!("`driftlite.passes` must be at least 1");
+            }
+            let config = DriftLiteConfig {
+                control,
+                ridge,
+                divergence,
+            };
+            config.validate()?;
+            Ok(Plan::DriftLite {
+                config,
+                passes,
+                resamples,
+            })
+        };
+        let plan = match self.method.as_str() {
+            "base" => Plan::Guided(Guidance::Base),
+            "pg" => Plan::Guided(Guidance::Pure),
+            "g-smc" => Plan::Guided(Guidance::Corrected),
+            "vcg" => driftlite(Control::Variance, false)?,
+            "vcg-smc" => driftlite(Control::Variance, true)?,
+            "ecg" => driftlite(Control::Energy, false)?,
+            "ecg-smc" => driftlite(Control::Energy, true)?,
+            other => bail!(
+                "`method` = \"{other}\" is unknown (expected base, pg, g-smc, vcg, vcg-smc, ecg or ecg-smc)"
+            ),
+        };
+        if matches!(plan, Plan::Guided(_)) && self.driftlite.is_some() {
+            bail!("the [driftlite] section applies only to methods vcg, vcg-smc, ecg and ecg-smc");
+        }
+        if let Plan::DriftLite {
+            resamples: false, ..
+        } = plan
+            && self
+                .resampling
+                .when
+                .as_deref()
+                .is_some_and(|w| w != "never")
+        {
+            bail!(
+                "method {} never resamples (weighted output); use {}-smc to resample",
+                self.method,
+                self.method
+            );
+        }
+        Ok(plan)
+    }
+
     /// The target (experts, reward, reward schedule); model files resolve against `path`.
     pub fn target(&self, path: &Path, grid: &TimeGrid) -> Result<Target> {
         if self.experts.is_empty() {
@@ -344,7 +474,12 @@ impl Config {
         }
         let r = &self.resampling;
         let scheme: Scheme = r.scheme.as_deref().unwrap_or("systematic").parse()?;
-        let policy = match r.when.as_deref().unwrap_or("ess") {
+        let no_resampling = matches!(self.method.as_str(), "vcg" | "ecg");
+        let policy = match r
+            .when
+            .as_deref()
+            .unwrap_or(if no_resampling { "never" } else { "ess" })
+        {
             "ess" => {
                 unused("resampling", "ess", &[("period", r.period.is_some())])?;
                 ResamplePolicy::Ess {

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 use steer::mcmc::{self, LogDensity, MalaConfig};
-use steer::method::{Guidance, GuidedSampler, Method};
+use steer::method::{GuidedSampler, Method, refine};
 use steer::model::NoiseLevel;
 use steer::rng::{Purpose, Streams};
 use steer::schedule::TimeGrid;
@@ -129,15 +129,29 @@ fn main() -> ExitCode {
     }
 }
 
-/// Builds the method named in the config.
-fn method<'a>(name: &str, target: &'a Target) -> Result<Box<dyn Method + 'a>> {
-    let guidance = match name {
-        "base" => Guidance::Base,
-        "pg" => Guidance::Pure,
-        "g-smc" => Guidance::Corrected,
-        other => bail!("`method` = \"{other}\" is unknown (expected base, pg or g-smc)"),
-    };
-    Ok(Box::new(GuidedSampler::new(target, guidance)))
+/// Runs the planned method; returns the run and whether its output is weighted.
+fn execute(
+    plan: config::Plan,
+    target: &Target,
+    grid: &TimeGrid,
+    settings: &smc::Settings,
+    observe: &mut dyn FnMut(&smc::StepInfo),
+) -> Result<(smc::Run, bool)> {
+    Ok(match plan {
+        config::Plan::Guided(guidance) => {
+            let mut m = GuidedSampler::new(target, guidance);
+            (
+                smc::run(&mut m, target, grid, settings, observe)?,
+                m.weighted(),
+            )
+        }
+        config::Plan::DriftLite { config, passes, .. } => {
+            let run = refine(target, grid, settings, config, passes, &mut |_, info| {
+                observe(info)
+            })?;
+            (run, true)
+        }
+    })
 }
 
 fn sample(
@@ -158,8 +172,9 @@ fn sample(
     let settings = config
         .settings()
         .with_context(|| format!("{}", config_path.display()))?;
-    let mut method =
-        method(&config.method, &target).with_context(|| format!("{}", config_path.display()))?;
+    let plan = config
+        .plan(&target)
+        .with_context(|| format!("{}", config_path.display()))?;
     let reference = match reference {
         None => None,
         Some("exact") => {
@@ -187,13 +202,15 @@ fn sample(
     };
     let staging = io::Staging::new(out)?;
 
+    let passes = match plan {
+        config::Plan::DriftLite { passes, .. } => passes,
+        config::Plan::Guided(_) => 1,
+    };
     let bar = report::progress(
-        grid.len() as u64,
+        (passes * grid.len()) as u64,
         &format!("{} N={}", config.method, config.particles),
     );
-    let run = smc::run(method.as_mut(), &target, &grid, &settings, &mut |_| {
-        bar.inc(1)
-    })?;
+    let (run, weighted) = execute(plan, &target, &grid, &settings, &mut |_| bar.inc(1))?;
     bar.finish_and_clear();
 
     let summary = report::summary(&config, &target, &grid, &run, reference.as_ref())?;
@@ -205,7 +222,7 @@ fn sample(
         serde_json::to_string_pretty(&summary)? + "\n",
     )?;
     if config.output.plots.unwrap_or(true) {
-        let weighted = method.weighted().then(|| run.log_weights.view());
+        let weighted = weighted.then(|| run.log_weights.view());
         let title = format!(
             "{} — {} particles, {} steps",
             config.method, config.particles, config.steps
