@@ -91,12 +91,15 @@ pub fn summary(
     reference: Option<&Array2<f64>>,
 ) -> Result<Value> {
     let ess: Vec<f64> = run.trace.iter().map(|s| s.ess_fraction).collect();
-    let integrated_variance: Option<f64> = run
-        .trace
-        .iter()
-        .zip(grid.steps())
-        .map(|(s, st)| s.potential_variance.map(|v| v * st.dt))
-        .sum();
+    let integrate = |f: fn(&steer::smc::StepInfo) -> Option<f64>| -> Option<f64> {
+        run.trace
+            .iter()
+            .zip(grid.steps())
+            .map(|(s, st)| f(s).map(|v| v * st.dt))
+            .sum()
+    };
+    let integrated_variance = integrate(|s| s.potential_variance);
+    let integrated_uncontrolled = integrate(|s| s.uncontrolled_variance);
     let exact = target.exact_terminal_law(grid);
     let exact_log_z = match &exact {
         Some(steer::exact::ExactLaw::Mixture { log_normalizer, .. }) => Some(*log_normalizer),
@@ -122,6 +125,7 @@ pub fn summary(
         "log_normalizer": run.log_normalizer,
         "log_normalizer_exact": exact_log_z,
         "integrated_potential_variance": integrated_variance,
+        "integrated_uncontrolled_variance": integrated_uncontrolled,
     });
     if let Some(y) = reference {
         let w = run.log_weights.mapv(f64::exp);
@@ -182,7 +186,7 @@ pub fn write_trace(path: &Path, run: &Run) -> Result<()> {
     let theta_width = run.trace.iter().map(|s| s.theta.len()).max().unwrap_or(0);
     write!(
         f,
-        "step,t,num_particles,ess_fraction,potential_variance,resampled,log_normalizer,score_evaluations"
+        "step,t,num_particles,ess_fraction,potential_variance,uncontrolled_variance,resampled,log_normalizer,score_evaluations"
     )?;
     for i in 0..theta_width {
         write!(f, ",theta_{i}")?;
@@ -191,12 +195,15 @@ pub fn write_trace(path: &Path, run: &Run) -> Result<()> {
     for s in &run.trace {
         write!(
             f,
-            "{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{}",
             s.step,
             s.t,
             s.num_particles,
             s.ess_fraction,
             s.potential_variance
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            s.uncontrolled_variance
                 .map(|v| v.to_string())
                 .unwrap_or_default(),
             s.resampled as u8,
