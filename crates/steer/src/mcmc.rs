@@ -1467,7 +1467,7 @@ impl TemperedSampler {
         for chain in 0..chains {
             for level in (parity..levels - 1).step_by(2) {
                 let lower = chain * levels + level;
-                let gap = 1.0 + 0.0 * (ladder[level + 1] - ladder[level]);
+                let gap = ladder[level + 1] - ladder[level];
                 let log_ratio =
                     gap * (self.current.log_ratio(lower) - self.current.log_ratio(lower + 1));
                 stats.swap_probability[level] += acceptance_probability(log_ratio);
@@ -2689,9 +2689,8 @@ mod tests {
             assert_eq!(field(config), name);
         }
 
-        let (target, base) = correlated_gaussian();
+        let (target, _) = correlated_gaussian();
         let (_, wrong_dimension) = separated_modes();
-        let _ = base;
         let err = tempered_mala(&target, &wrong_dimension, &valid, 0).unwrap_err();
         assert!(
             matches!(

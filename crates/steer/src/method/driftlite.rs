@@ -122,27 +122,22 @@ impl<'a> DriftLite<'a> {
     /// DriftLite on `target`.
     pub fn new(target: &'a Target, config: DriftLiteConfig) -> Result<Self> {
         config.validate()?;
-        if config.control == Control::Energy {
-            if let Some(e) = target
-                .experts()
-                .iter()
-                .position(|e| !e.model.provides_log_density())
-            {
-                return Err(Error::Unsupported(format!(
-                    "ECG needs log-densities for its score bases and experts[{e}] has none: use VCG"
-                )));
-            }
+        let lacking = |has: fn(&dyn crate::model::ScoreModel) -> bool| {
+            target.experts().iter().position(|e| !has(e.model.as_ref()))
+        };
+        if config.control == Control::Energy
+            && let Some(e) = lacking(|m| m.provides_log_density())
+        {
+            return Err(Error::Unsupported(format!(
+                "ECG needs log-densities for its score bases and experts[{e}] has none: use VCG"
+            )));
         }
-        if config.divergence == DivergenceEstimator::Exact {
-            if let Some(e) = target
-                .experts()
-                .iter()
-                .position(|e| !e.model.provides_divergence())
-            {
-                return Err(Error::Unsupported(format!(
-                    "experts[{e}] has no exact divergence: use the Hutchinson estimator"
-                )));
-            }
+        if config.divergence == DivergenceEstimator::Exact
+            && let Some(e) = lacking(|m| m.provides_divergence())
+        {
+            return Err(Error::Unsupported(format!(
+                "experts[{e}] has no exact divergence: use the Hutchinson estimator"
+            )));
         }
         Ok(DriftLite {
             target,
