@@ -3,6 +3,7 @@
 mod config;
 mod io;
 mod plot;
+mod reference;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -10,10 +11,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
-use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
-use steer::mcmc::{self, LogDensity, MalaConfig};
+use ndarray::Array1;
 use steer::method::{GuidedSampler, Method, refine};
-use steer::model::NoiseLevel;
 use steer::rng::{Purpose, Streams};
 use steer::schedule::TimeGrid;
 use steer::smc;
@@ -62,8 +61,11 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// MCMC chains (when no closed form exists).
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 32)]
         chains: usize,
+        /// Tempering levels per chain, from the base (first expert) to the target.
+        #[arg(long, default_value_t = 8)]
+        levels: usize,
         /// MCMC warm-up iterations per chain.
         #[arg(long, default_value_t = 2000)]
         warmup: usize,
@@ -107,11 +109,22 @@ fn main() -> ExitCode {
             samples,
             set,
             chains,
+            levels,
             warmup,
             thin,
             force_mcmc,
-        } => reference(
-            &config, &out, samples, &set, chains, warmup, thin, force_mcmc,
+        } => reference::run(
+            &config,
+            &out,
+            samples,
+            &set,
+            &reference::McmcArgs {
+                chains,
+                levels,
+                warmup,
+                thin,
+                force: force_mcmc,
+            },
         ),
         Command::Eval {
             samples,
@@ -240,159 +253,6 @@ fn sample(
     eprintln!("{}", report::one_line(&summary));
     eprintln!("wrote {}", out.display());
     Ok(())
-}
-
-/// `log q̃_T` at the grid's last point, for MCMC.
-struct TerminalDensity<'a> {
-    target: &'a Target,
-    level: NoiseLevel,
-}
-
-impl LogDensity for TerminalDensity<'_> {
-    fn dim(&self) -> usize {
-        self.target.dim()
-    }
-
-    fn log_density_and_gradient(
-        &self,
-        x: ArrayView2<f64>,
-        mut log_density: ArrayViewMut1<f64>,
-        mut gradient: ArrayViewMut2<f64>,
-    ) {
-        let result = self.target.log_density_and_gradient(
-            &self.level,
-            1.0,
-            x,
-            log_density.view_mut(),
-            Some(gradient.view_mut()),
-        );
-        if result.is_err() {
-            log_density.fill(f64::NAN);
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn reference(
-    config_path: &Path,
-    out: &Path,
-    samples: usize,
-    set: &[String],
-    chains: usize,
-    warmup: usize,
-    thin: usize,
-    force_mcmc: bool,
-) -> Result<()> {
-    if samples == 0 {
-        bail!("--samples must be at least 1");
-    }
-    let config = config::load(config_path, set)?;
-    let grid = config
-        .schedule
-        .build(config.steps)
-        .with_context(|| format!("{}", config_path.display()))?;
-    let target = config
-        .target(config_path, &grid)
-        .with_context(|| format!("{}", config_path.display()))?;
-    let streams = Streams::new(config.seed);
-    let (x, info) = match target.exact_terminal_law(&grid).filter(|_| !force_mcmc) {
-        Some(law) => {
-            let (x, log_z) = law.sample(samples, &streams, Purpose::Reference);
-            (
-                x,
-                serde_json::json!({ "method": "exact", "samples": samples, "log_normalizer": log_z }),
-            )
-        }
-        None => mcmc_reference(&target, &grid, samples, chains, warmup, thin, config.seed)?,
-    };
-    io::write_file_atomically(out, |tmp| io::write_npy(tmp, &x))?;
-    println!("{}", serde_json::to_string_pretty(&info)?);
-    eprintln!("wrote {} ({} × {})", out.display(), x.nrows(), x.ncols());
-    Ok(())
-}
-
-/// Many-chain MALA on the exact `log q̃_T`, started by importance resampling of base samples.
-fn mcmc_reference(
-    target: &Target,
-    grid: &TimeGrid,
-    samples: usize,
-    chains: usize,
-    warmup: usize,
-    thin: usize,
-    seed: u64,
-) -> Result<(Array2<f64>, serde_json::Value)> {
-    let level = grid.level(grid.len());
-    for (e, ex) in target.experts().iter().enumerate() {
-        if !ex.model.provides_log_density() {
-            bail!("experts[{e}] has no log-density: MCMC reference samples are unavailable");
-        }
-    }
-    let density = TerminalDensity { target, level };
-    let init = mcmc_start(target, &level, chains, seed)?;
-    let per_chain = samples.div_ceil(chains);
-    let mut cfg = MalaConfig::new(chains, warmup, per_chain);
-    cfg.thin = thin;
-    cfg.validate()?;
-    let bar = report::spinner("MALA reference");
-    let out = mcmc::mala(&density, init, &cfg, seed)?;
-    bar.finish_and_clear();
-    let x = out
-        .samples
-        .slice_axis(Axis(0), ndarray::Slice::from(0..samples))
-        .to_owned();
-    if out.max_split_rhat > 1.01 {
-        eprintln!(
-            "warning: max split R-hat {:.3} > 1.01: the chains have not mixed; raise --warmup or --thin, or use a closed form",
-            out.max_split_rhat
-        );
-    }
-    let info = serde_json::json!({
-        "method": "mala",
-        "samples": samples,
-        "chains": chains,
-        "draws_per_chain": out.draws_per_chain,
-        "warmup": warmup,
-        "thin": thin,
-        "step_size": out.step_size,
-        "acceptance_rate": out.acceptance_rate,
-        "max_split_rhat": out.max_split_rhat,
-        "split_rhat": out.split_rhat.to_vec(),
-        "min_ess_bulk": out.min_ess_bulk,
-    });
-    Ok((x, info))
-}
-
-/// Chain starts: draw base samples (the first expert's mixture, else a wide Gaussian) and
-/// resample them in proportion to `q̃_T / proposal`, so that chains start spread over the
-/// target's modes in roughly the right proportions.
-fn mcmc_start(
-    target: &Target,
-    level: &NoiseLevel,
-    chains: usize,
-    seed: u64,
-) -> Result<Array2<f64>> {
-    let streams = Streams::new(seed ^ 0x1417);
-    let pool = 50 * chains;
-    let base = target.experts()[0]
-        .model
-        .as_mixture()
-        .map(|m| m.at_level(level))
-        .ok_or_else(|| anyhow!("MCMC starts need a mixture expert"))?;
-    let x = base.sample(pool, &streams, Purpose::Init);
-    let mut log_q = Array1::zeros(pool);
-    target.log_density(level, 1.0, x.view(), log_q.view_mut())?;
-    let phi = base.component_log_densities(&NoiseLevel::data(), x.view());
-    let log_p = phi.map_axis(Axis(1), |r| steer::weights::log_sum_exp(r));
-    let (w, _) = steer::weights::LogWeights::from_unnormalized(&log_q - &log_p, 0)
-        .context("no base sample has positive target density")?;
-    let mut ancestors = Vec::new();
-    steer::resample::Scheme::Systematic.ancestors(
-        w.normalized().view(),
-        chains,
-        &mut streams.rng(Purpose::Init, 1, 0),
-        &mut ancestors,
-    );
-    Ok(x.select(Axis(0), &ancestors))
 }
 
 fn eval(samples: &Path, log_weights: Option<&Path>, reference: &Path, seed: u64) -> Result<()> {
