@@ -400,16 +400,29 @@ fn vcg_matches_a_product_of_experts() {
     let exact_mean = x.column(0).mean().unwrap();
     let (mut pos, mut mean) = (vec![], vec![]);
     for s in 0..6 {
-        let run = driftlite(&t, &g, Control::Variance, 2000, 200 + s, ResamplePolicy::Never);
+        let run = driftlite(
+            &t,
+            &g,
+            Control::Variance,
+            2000,
+            200 + s,
+            ResamplePolicy::Never,
+        );
         // Two experts, no reward, VE (no drift basis): one score basis per expert.
         assert_eq!(run.trace[0].theta.len(), 2);
         pos.push(expect(&run, |x| if x[0] > 0.0 { 1.0 } else { 0.0 }));
         mean.push(expect(&run, |x| x[0]));
     }
     let (m, se) = over_seeds(&pos);
-    assert!((m - exact_pos).abs() < 4.0 * se + 2e-3, "P(x>0) {m} ± {se} vs {exact_pos}");
+    assert!(
+        (m - exact_pos).abs() < 4.0 * se + 2e-3,
+        "P(x>0) {m} ± {se} vs {exact_pos}"
+    );
     let (m, se) = over_seeds(&mean);
-    assert!((m - exact_mean).abs() < 4.0 * se + 4e-3, "mean {m} ± {se} vs {exact_mean}");
+    assert!(
+        (m - exact_mean).abs() < 4.0 * se + 4e-3,
+        "mean {m} ± {se} vs {exact_mean}"
+    );
 }
 
 /// Iterative refinement (Algorithm 2): three passes cost three times the evaluations of one,
@@ -423,7 +436,8 @@ fn refinement_passes_stack_controls() {
     let g = grid(vp(), 200);
     let n = 2000;
     let s = settings(n, 9, ResamplePolicy::Never);
-    let one = steer::method::refine(&t, &g, &s, config(Control::Variance), 1, &mut |_, _| {}).unwrap();
+    let one =
+        steer::method::refine(&t, &g, &s, config(Control::Variance), 1, &mut |_, _| {}).unwrap();
     let mut seen_passes = std::collections::BTreeSet::new();
     let three = steer::method::refine(&t, &g, &s, config(Control::Variance), 3, &mut |p, _| {
         seen_passes.insert(p);
@@ -431,10 +445,17 @@ fn refinement_passes_stack_controls() {
     .unwrap();
     assert_eq!(seen_passes.into_iter().collect::<Vec<_>>(), vec![0, 1, 2]);
     assert_eq!(three.evaluations.score, 3 * one.evaluations.score);
-    let max_var = three.trace.iter().map(|s| s.potential_variance.unwrap()).fold(0.0, f64::max);
+    let max_var = three
+        .trace
+        .iter()
+        .map(|s| s.potential_variance.unwrap())
+        .fold(0.0, f64::max);
     assert!(max_var < 1e-8, "max Var_W φ = {max_var}");
     let mean = expect(&three, |x| x[0]);
-    assert!((mean - 16.0 / 9.0).abs() < 4.0 / 3.0 / (n as f64).sqrt(), "mean {mean}");
+    assert!(
+        (mean - 16.0 / 9.0).abs() < 4.0 / 3.0 / (n as f64).sqrt(),
+        "mean {mean}"
+    );
     // The last pass fits a correction on top of the previous θ: its θ is not the first pass's.
     assert_ne!(three.trace[50].theta, one.trace[50].theta);
 }
@@ -449,7 +470,12 @@ fn driftlite_rejects_models_it_cannot_use() {
         fn dim(&self) -> usize {
             self.0.dim()
         }
-        fn evaluate(&self, level: &NoiseLevel, x: ndarray::ArrayView2<f64>, out: ScoreOutput<'_>) -> steer::Result<()> {
+        fn evaluate(
+            &self,
+            level: &NoiseLevel,
+            x: ndarray::ArrayView2<f64>,
+            out: ScoreOutput<'_>,
+        ) -> steer::Result<()> {
             self.0.evaluate(level, x, out)
         }
         fn provides_log_density(&self) -> bool {
@@ -460,17 +486,44 @@ fn driftlite_rejects_models_it_cannot_use() {
         }
     }
     let p = one_d(array![1.0], vec![0.0], array![1.0]);
-    let t = Target::new(vec![Expert { model: Arc::new(ScoreOnly(p)), gamma: 2.0 }], None, TiltSchedule::Linear).unwrap();
+    let t = Target::new(
+        vec![Expert {
+            model: Arc::new(ScoreOnly(p)),
+            gamma: 2.0,
+        }],
+        None,
+        TiltSchedule::Linear,
+    )
+    .unwrap();
     let e = DriftLite::new(&t, config(Control::Energy)).unwrap_err();
     assert!(e.to_string().contains("ECG needs log-densities"), "{e}");
     let e = DriftLite::new(&t, config(Control::Variance)).unwrap_err();
     assert!(e.to_string().contains("Hutchinson"), "{e}");
     // With the Hutchinson estimator VCG runs, and matches N(0, 1/2) (z = 4 CLT, N = 2000).
-    let cfg = DriftLiteConfig { divergence: DivergenceEstimator::Hutchinson { probes: 1, probe: Probe::Rademacher }, ..config(Control::Variance) };
+    let cfg = DriftLiteConfig {
+        divergence: DivergenceEstimator::Hutchinson {
+            probes: 1,
+            probe: Probe::Rademacher,
+        },
+        ..config(Control::Variance)
+    };
     let mut m = DriftLite::new(&t, cfg).unwrap();
     let g = grid(vp(), 200);
-    let run = smc::run(&mut m, &t, &g, &settings(2000, 4, ResamplePolicy::Ess { threshold: 0.5 }), &mut |_| {}).unwrap();
+    let run = smc::run(
+        &mut m,
+        &t,
+        &g,
+        &settings(2000, 4, ResamplePolicy::Ess { threshold: 0.5 }),
+        &mut |_| {},
+    )
+    .unwrap();
     let var = expect(&run, |x| x[0] * x[0]);
-    assert!(run.evaluations.score > 200 * 2000, "Hutchinson probes are counted as score evaluations");
-    assert!((var - 0.5).abs() < 4.0 * 0.5 * (2.0 / 2000f64).sqrt(), "var {var}");
+    assert!(
+        run.evaluations.score > 200 * 2000,
+        "Hutchinson probes are counted as score evaluations"
+    );
+    assert!(
+        (var - 0.5).abs() < 4.0 * 0.5 * (2.0 / 2000f64).sqrt(),
+        "var {var}"
+    );
 }
