@@ -345,6 +345,25 @@ impl Target {
         ExactLaw::new(&factors, reward)
     }
 
+    /// Draws the initial particles from the first expert's own `p⃖_{0,0}` (no annealing, no
+    /// reward): the start of the base reverse process, used by the base sampler and URGE.
+    pub fn sample_base_initial(
+        &self,
+        grid: &TimeGrid,
+        n: usize,
+        streams: &Streams,
+    ) -> Result<Initial> {
+        let base = Target::new(
+            vec![Expert {
+                model: self.experts[0].model.clone(),
+                gamma: 1.0,
+            }],
+            None,
+            self.tilt,
+        )?;
+        base.sample_initial(grid, n, streams)
+    }
+
     /// Draws the initial particles from `q_0 ∝ Π_e p⃖_{e,0}^{γ_e}` (`β_0 = 0`, MATH.md §2.3):
     /// exactly when the experts are mixtures with a closed form; otherwise from the Gaussian
     /// `N(0, σ_ref²/Γ I)` with importance weights `log q̃_0 − log Q_0` when log-densities

@@ -94,17 +94,7 @@ impl Method for GuidedSampler<'_> {
         streams: &crate::rng::Streams,
     ) -> Result<crate::target::Initial> {
         if self.guidance == Guidance::Base {
-            // The base sampler starts from the first expert's own p⃖_0, unannealed.
-            let expert = &target.experts()[0];
-            let base = Target::new(
-                vec![crate::target::Expert {
-                    model: expert.model.clone(),
-                    gamma: 1.0,
-                }],
-                None,
-                target.tilt(),
-            )?;
-            return base.sample_initial(grid, n, streams);
+            return target.sample_base_initial(grid, n, streams);
         }
         target.sample_initial(grid, n, streams)
     }

@@ -3,9 +3,11 @@
 
 mod driftlite;
 mod guided;
+mod urge;
 
 pub use driftlite::{Control, DivergenceEstimator, DriftLite, DriftLiteConfig, refine};
 pub use guided::{Guidance, GuidedSampler};
+pub use urge::{Proposal, Twist, Urge};
 
 use ndarray::ArrayViewMut1;
 
