@@ -334,46 +334,10 @@ impl<'a> DriftLite<'a> {
         Ok(bases)
     }
 
-    /// The potential rate `G` (`N`) and the basis potentials `H_a` (`N × n`, one column per
-    /// basis: reward, one per expert, drift) at the step's left point, for particles `x`.
-    /// A diagnostic (tests check `E_q[H_a] = 0`); [`Method::advance`] uses the same values.
-    pub fn potentials(
-        &mut self,
-        ctx: &StepContext<'_>,
-        x: &Array2<f64>,
-    ) -> Result<(Array1<f64>, Array2<f64>)> {
-        self.evaluate(ctx, x)?;
-        Ok((
-            self.buffers.potential.clone(),
-            self.buffers.compensators.clone(),
-        ))
-    }
-}
-
-impl Method for DriftLite<'_> {
-    fn name(&self) -> &str {
-        match self.config.control {
-            Control::Variance => "vcg",
-            Control::Energy => "ecg",
-        }
-    }
-
-    fn weighted(&self) -> bool {
-        true
-    }
-
-    fn advance(
-        &mut self,
-        ctx: &StepContext<'_>,
-        population: &mut Population,
-        weights: &LogWeights,
-        mut increments: ArrayViewMut1<f64>,
-    ) -> Result<StepStats> {
-        let bases = self.evaluate(ctx, &population.x)?;
-        let nb = bases.len();
-        let (step, k) = (ctx.step, ctx.step.index);
-        let b = &mut self.buffers;
-        // The weighted solve for θ (on top of a previous pass's θ when refining).
+    /// θ_k: the weighted VCG/ECG solve (§5.3–5.4), on top of a previous pass's θ_k when
+    /// refining (§5.10). Needs [`Self::evaluate`] first.
+    fn solve(&self, k: usize, nb: usize, weights: &LogWeights) -> Vec<f64> {
+        let b = &self.buffers;
         let w = weights.normalized();
         let base_theta: Vec<f64> = match &self.previous {
             Some(prev) => prev.get(k).cloned().unwrap_or_default(),
@@ -418,6 +382,86 @@ impl Method for DriftLite<'_> {
             .map(|(t, d)| t + d)
             .collect();
 
+        theta
+    }
+
+    /// The proposal shift of URGE's DriftLite proposal for particles `x`: the guided part
+    /// `½(𝒰 + 𝒱)(S − s_0)` plus the control `Δt b = Δt Σ_a θ_a B_a`, written into `out`
+    /// (`N × d`); returns θ. The first expert's score at `x` is left in [`Self::score`].
+    pub fn proposal_shift(
+        &mut self,
+        ctx: &StepContext<'_>,
+        x: &Array2<f64>,
+        weights: &LogWeights,
+        out: &mut Array2<f64>,
+    ) -> Result<Vec<f64>> {
+        let bases = self.evaluate(ctx, x)?;
+        let theta = self.solve(ctx.step.index, bases.len(), weights);
+        let step = ctx.step;
+        let (half, dt) = (0.5 * (step.diffusion + step.noise), step.dt);
+        let f_rate = step.drift / dt;
+        let b = &self.buffers;
+        Zip::indexed(out.rows_mut()).par_for_each(|i, mut row| {
+            for c in 0..row.len() {
+                let drift_basis: f64 = bases
+                    .iter()
+                    .zip(&theta)
+                    .filter(|(b, _)| **b == Basis::Drift)
+                    .map(|(_, t)| -t * f_rate * x[[i, c]])
+                    .sum();
+                row[c] = half * (b.tilted[[i, c]] - b.scores[0][[i, c]])
+                    + dt * (b.control(&bases, &theta, i, c) + drift_basis);
+            }
+        });
+        Ok(theta)
+    }
+
+    /// Expert `e`'s score at the particles of the last evaluation.
+    pub fn score(&self, e: usize) -> &Array2<f64> {
+        &self.buffers.scores[e]
+    }
+
+    /// The potential rate `G` (`N`) and the basis potentials `H_a` (`N × n`, one column per
+    /// basis: reward, one per expert, drift) at the step's left point, for particles `x`.
+    /// A diagnostic (tests check `E_q[H_a] = 0`); [`Method::advance`] uses the same values.
+    pub fn potentials(
+        &mut self,
+        ctx: &StepContext<'_>,
+        x: &Array2<f64>,
+    ) -> Result<(Array1<f64>, Array2<f64>)> {
+        self.evaluate(ctx, x)?;
+        Ok((
+            self.buffers.potential.clone(),
+            self.buffers.compensators.clone(),
+        ))
+    }
+}
+
+impl Method for DriftLite<'_> {
+    fn name(&self) -> &str {
+        match self.config.control {
+            Control::Variance => "vcg",
+            Control::Energy => "ecg",
+        }
+    }
+
+    fn weighted(&self) -> bool {
+        true
+    }
+
+    fn advance(
+        &mut self,
+        ctx: &StepContext<'_>,
+        population: &mut Population,
+        weights: &LogWeights,
+        mut increments: ArrayViewMut1<f64>,
+    ) -> Result<StepStats> {
+        let bases = self.evaluate(ctx, &population.x)?;
+        let nb = bases.len();
+        let (step, k) = (ctx.step, ctx.step.index);
+        let theta = self.solve(k, nb, weights);
+        let b = &mut self.buffers;
+
         // Increments Δt (G + θ·H) and the move with the control drift Δt Σ θ_a B_a.
         let uncontrolled_variance = weights.variance(b.potential.view());
         let dt = step.dt;
@@ -449,15 +493,7 @@ impl Method for DriftLite<'_> {
                 // The drift basis −f̄x contributes −Δt θ f̄ x = −θ 𝓕 x.
                 let own = drift * (1.0 - drift_theta);
                 for c in 0..x.len() {
-                    let mut control = 0.0;
-                    for (a, basis) in bases.iter().enumerate() {
-                        control += theta[a]
-                            * match basis {
-                                Basis::Reward => bref.reward_gradient[[i, c]],
-                                Basis::Score(e) => bref.scores[*e][[i, c]],
-                                Basis::Drift => 0.0,
-                            };
-                    }
+                    let control = bref.control(&bases, &theta, i, c);
                     let xi: f64 = StandardNormal.sample(&mut rng);
                     x[c] += own * x[c] + half * s[c] + dt * control + noise_sd * xi;
                 }
@@ -466,6 +502,24 @@ impl Method for DriftLite<'_> {
             theta,
             uncontrolled_variance: Some(uncontrolled_variance),
         })
+    }
+}
+
+impl Buffers {
+    /// `Σ_a θ_a B_a` at coordinate `c` of particle `i`, for the field bases (the drift basis
+    /// `−f̄x` is applied separately, as a rescaling of the forward drift).
+    fn control(&self, bases: &[Basis], theta: &[f64], i: usize, c: usize) -> f64 {
+        bases
+            .iter()
+            .zip(theta)
+            .map(|(basis, t)| {
+                t * match basis {
+                    Basis::Reward => self.reward_gradient[[i, c]],
+                    Basis::Score(e) => self.scores[*e][[i, c]],
+                    Basis::Drift => 0.0,
+                }
+            })
+            .sum::<f64>()
     }
 }
 

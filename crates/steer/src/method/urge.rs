@@ -18,7 +18,7 @@
 use ndarray::{Array1, Array2, ArrayViewMut1, Zip};
 use rand_distr::{Distribution, StandardNormal};
 
-use super::{Method, StepContext, StepStats};
+use super::{DriftLite, DriftLiteConfig, Method, StepContext, StepStats};
 use crate::error::{Error, Result};
 use crate::linalg::{axpy, dot};
 use crate::model::{NoiseLevel, ScoreOutput};
@@ -31,12 +31,15 @@ use crate::target::{Initial, Target};
 use crate::weights::LogWeights;
 
 /// The proposal drift of URGE.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Proposal {
     /// The base chain itself (`δ = 0`): weights come from the twists alone.
     Base,
     /// Pure guidance: `Δt δ = ½(𝒰 + 𝒱)(S − s_0)` with `S = Σ_e γ_e s_e + β_k ∇r`.
     Guided,
+    /// Pure guidance plus a DriftLite control `Δt Σ_a θ_a B_a` (VCG or ECG, §5), with θ
+    /// fitted on the current weighted particles each step.
+    Controlled(DriftLiteConfig),
 }
 
 /// The twist `ψ_k` for `k < M` (MATH.md §6.3).
@@ -63,6 +66,8 @@ pub struct Urge<'a> {
     steps: usize,
     /// The grid's last noise level (terminal twist).
     terminal: Option<NoiseLevel>,
+    /// The DriftLite controller of a controlled proposal.
+    controller: Option<DriftLite<'a>>,
     buffers: Buffers,
 }
 
@@ -99,12 +104,17 @@ impl<'a> Urge<'a> {
                 "URGE on a single expert with γ = 1 needs a reward to tilt by",
             ));
         }
+        let controller = match proposal {
+            Proposal::Controlled(config) => Some(DriftLite::new(target, config)?),
+            _ => None,
+        };
         Ok(Urge {
             target,
             proposal,
             twist,
             steps: 0,
             terminal: None,
+            controller,
             buffers: Buffers::default(),
         })
     }
@@ -208,7 +218,7 @@ impl Method for Urge<'_> {
         &mut self,
         ctx: &StepContext<'_>,
         population: &mut Population,
-        _weights: &LogWeights,
+        weights: &LogWeights,
         mut increments: ArrayViewMut1<f64>,
     ) -> Result<StepStats> {
         let target = self.target;
@@ -217,6 +227,7 @@ impl Method for Urge<'_> {
         let (n, d) = population.x.dim();
         let guided = self.proposal == Proposal::Guided;
         let experts = if guided { target.experts().len() } else { 1 };
+        let controlled = self.controller.is_some();
         let b = &mut self.buffers;
         if b.twist.len() != n || b.scores.len() != experts || b.scores[0].ncols() != d {
             b.scores = (0..experts).map(|_| Array2::zeros((n, d))).collect();
@@ -227,30 +238,38 @@ impl Method for Urge<'_> {
             b.shift = Array2::zeros((n, d));
         }
         let level = step.level();
-        for e in 0..experts {
-            target.expert_score(
-                e,
-                &level,
-                population.x.view(),
-                ScoreOutput {
-                    score: b.scores[e].view_mut(),
-                    log_density: None,
-                    divergence: None,
-                },
-            )?;
-            check_finite(&b.scores[e], k, "score")?;
-        }
         let (beta, _) = ctx.beta;
-        let reward_gradient = guided && beta != 0.0 && target.reward().is_some();
-        if reward_gradient {
-            target.reward_eval(
-                population.x.view(),
-                RewardOutput {
-                    gradient: Some(b.reward_gradient.view_mut()),
-                    ..Default::default()
-                },
-            )?;
-            check_finite(&b.reward_gradient, k, "reward gradient")?;
+        let mut reward_gradient = false;
+        let mut theta = Vec::new();
+        if let Some(controller) = self.controller.as_mut() {
+            // The controller evaluates every expert, the reward and θ; it leaves s_0 behind.
+            theta = controller.proposal_shift(ctx, &population.x, weights, &mut b.shift)?;
+            b.scores[0].assign(controller.score(0));
+        } else {
+            for e in 0..experts {
+                target.expert_score(
+                    e,
+                    &level,
+                    population.x.view(),
+                    ScoreOutput {
+                        score: b.scores[e].view_mut(),
+                        log_density: None,
+                        divergence: None,
+                    },
+                )?;
+                check_finite(&b.scores[e], k, "score")?;
+            }
+            reward_gradient = guided && beta != 0.0 && target.reward().is_some();
+            if reward_gradient {
+                target.reward_eval(
+                    population.x.view(),
+                    RewardOutput {
+                        gradient: Some(b.reward_gradient.view_mut()),
+                        ..Default::default()
+                    },
+                )?;
+                check_finite(&b.reward_gradient, k, "reward gradient")?;
+            }
         }
 
         // Twist of the current state: log ψ_k(x_k) − log ψ_{k−1}(x_{k−1}) (the carry).
@@ -294,7 +313,10 @@ impl Method for Urge<'_> {
                 let s0 = s0.to_slice().expect("contiguous");
                 // Δt δ = ½(𝒰 + 𝒱)(S − s_0).
                 let shift = shift_row.as_slice_mut().expect("contiguous");
-                shift.fill(0.0);
+                // A controlled proposal's shift was written by the controller.
+                if !controlled {
+                    shift.fill(0.0);
+                }
                 if guided {
                     for (e, score) in scores.iter().enumerate() {
                         let coef = if e == 0 { gammas[0] - 1.0 } else { gammas[e] };
@@ -332,7 +354,10 @@ impl Method for Urge<'_> {
                 .for_each(|inc, &now, &before| *inc += now - before);
             population.carry.column_mut(0).assign(&last);
         }
-        Ok(StepStats::default())
+        Ok(StepStats {
+            theta,
+            uncontrolled_variance: None,
+        })
     }
 }
 
