@@ -2,6 +2,9 @@
 //! errors (stated per assertion); seed-to-seed spreads give the standard errors of SMC
 //! estimates.
 
+mod common;
+
+use common::*;
 use std::sync::Arc;
 
 use ndarray::{Array1, Array2, array};
@@ -12,69 +15,11 @@ use steer::method::{
 use steer::model::{
     Covariance, GaussianMixture, NoiseLevel, Probe, ScoreModel, ScoreOutput, hutchinson_divergence,
 };
-use steer::resample::Scheme;
 use steer::reward::{Quadratic, Reward};
 use steer::rng::{Purpose, Streams};
-use steer::schedule::{GridKind, Schedule, TimeGrid};
-use steer::smc::{self, ParticleSchedule, ResamplePolicy, Run, Settings};
+use steer::schedule::{Schedule, TimeGrid};
+use steer::smc::{self, ResamplePolicy, Run};
 use steer::target::{Expert, Target, TiltSchedule};
-
-fn vp() -> Schedule {
-    Schedule::VpLinear {
-        beta_min: 0.1,
-        beta_max: 20.0,
-        horizon: 1.0,
-    }
-}
-
-fn grid(schedule: Schedule, steps: usize) -> TimeGrid {
-    let ve = schedule.is_variance_exploding();
-    let kind = if ve {
-        GridKind::Edm { rho: 7.0 }
-    } else {
-        GridKind::Uniform
-    };
-    TimeGrid::new(
-        schedule,
-        kind,
-        steps,
-        schedule.default_tau_max(),
-        if ve { 0.002 } else { 0.0 },
-        1.0,
-    )
-    .unwrap()
-}
-
-fn one_d(w: Array1<f64>, m: Vec<f64>, v: Array1<f64>) -> GaussianMixture {
-    let k = m.len();
-    GaussianMixture::new(
-        w,
-        Array2::from_shape_vec((k, 1), m).unwrap(),
-        Covariance::Isotropic(v),
-    )
-    .unwrap()
-}
-
-fn target(experts: Vec<(GaussianMixture, f64)>, reward: Option<Arc<dyn Reward>>) -> Target {
-    let experts = experts
-        .into_iter()
-        .map(|(m, gamma)| Expert {
-            model: Arc::new(m) as Arc<dyn ScoreModel>,
-            gamma,
-        })
-        .collect();
-    Target::new(experts, reward, TiltSchedule::Linear).unwrap()
-}
-
-fn settings(n: usize, seed: u64, policy: ResamplePolicy) -> Settings {
-    Settings {
-        particles: ParticleSchedule::Constant(n),
-        policy,
-        scheme: Scheme::Systematic,
-        final_resample: false,
-        seed,
-    }
-}
 
 fn config(control: Control) -> DriftLiteConfig {
     DriftLiteConfig {
@@ -116,22 +61,6 @@ fn integrated_variance(run: &Run, g: &TimeGrid) -> f64 {
         .sum()
 }
 
-fn expect(run: &Run, f: impl Fn(ndarray::ArrayView1<f64>) -> f64) -> f64 {
-    run.samples
-        .rows()
-        .into_iter()
-        .zip(run.log_weights.iter())
-        .map(|(x, l)| l.exp() * f(x))
-        .sum()
-}
-
-fn over_seeds(values: &[f64]) -> (f64, f64) {
-    let r = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / r;
-    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (r - 1.0);
-    (mean, (var / r).sqrt())
-}
-
 /// Stein identity (MATH.md §11.7): E_{q_t}[H_a] = 0 for every basis (reward, score, drift),
 /// under exact samples of the tilted path q_t ∝ p_t e^{β_t r} (a mixture, §11.3 with γ = 1),
 /// at several steps. 200 000 samples; |mean| < z·sd/√n with z = 5.
@@ -145,7 +74,7 @@ fn compensating_potentials_have_zero_mean_under_the_path() {
     .unwrap();
     let r: Arc<dyn Reward> = Arc::new(Quadratic::new(array![1.0, 1.0], 0.6).unwrap());
     let t = target(vec![(p.clone(), 1.0)], Some(r));
-    let g = grid(vp(), 20);
+    let g = grid(vp(), 20, 1.0);
     let n = 200_000;
     for k in [3usize, 10, 17] {
         let step = &g.steps()[k];
@@ -192,7 +121,7 @@ fn vcg_has_zero_variance_on_gaussians() {
     let p = one_d(array![1.0], vec![2.0], array![0.25]);
     let r: Arc<dyn Reward> = Arc::new(Quadratic::new(array![0.0], 1.0).unwrap());
     let t = target(vec![(p, 2.0)], Some(r));
-    let g = grid(vp(), 400);
+    let g = grid(vp(), 400, 1.0);
     let n = 2000;
     let run = driftlite(&t, &g, Control::Variance, n, 3, ResamplePolicy::Never);
     let max_var = run
@@ -227,7 +156,7 @@ fn vcg_beats_gsmc_on_the_two_mode_mixture() {
     let p = one_d(array![0.7, 0.3], vec![-2.0, 2.5], array![0.3, 0.5]);
     let r: Arc<dyn Reward> = Arc::new(Quadratic::new(array![2.0], 0.3).unwrap());
     let t = target(vec![(p, 2.0)], Some(r));
-    let g = grid(vp(), 400);
+    let g = grid(vp(), 400, 1.0);
     let mut pos = vec![];
     for s in 0..6 {
         let v = driftlite(
@@ -345,7 +274,7 @@ fn vcg_smc_beats_gsmc_and_pg_in_30d() {
     let means = Array2::from_shape_fn((k, d), |(j, i)| if i == j { 5.0 } else { 0.0 });
     let p = GaussianMixture::new(weights, means, Covariance::Isotropic(Array1::ones(k))).unwrap();
     let t = target(vec![(p, 2.0)], None);
-    let g = grid(vp(), 300);
+    let g = grid(vp(), 300, 1.0);
     let law = t.exact_terminal_law(&g).unwrap();
     let (reference, log_z) = law.sample(8000, &Streams::new(77), Purpose::Reference);
     assert!((log_z - (-39.814)).abs() < 0.01, "exact log Z {log_z}");
@@ -393,7 +322,7 @@ fn vcg_matches_a_product_of_experts() {
     let a = one_d(array![0.5, 0.5], vec![-1.5, 1.5], array![0.5, 0.5]);
     let b = one_d(array![0.3, 0.7], vec![-1.0, 2.0], array![1.0, 1.0]);
     let t = target(vec![(a, 1.0), (b, 1.0)], None);
-    let g = grid(Schedule::VeEdm { sigma_max: 80.0 }, 400);
+    let g = grid(Schedule::VeEdm { sigma_max: 80.0 }, 400, 1.0);
     let law = t.exact_terminal_law(&g).unwrap();
     let (x, _) = law.sample(1_000_000, &Streams::new(8), Purpose::Reference);
     let exact_pos = x.column(0).iter().filter(|&&v| v > 0.0).count() as f64 / 1e6;
@@ -433,7 +362,7 @@ fn refinement_passes_stack_controls() {
     let p = one_d(array![1.0], vec![2.0], array![0.25]);
     let r: Arc<dyn Reward> = Arc::new(Quadratic::new(array![0.0], 1.0).unwrap());
     let t = target(vec![(p, 2.0)], Some(r));
-    let g = grid(vp(), 200);
+    let g = grid(vp(), 200, 1.0);
     let n = 2000;
     let s = settings(n, 9, ResamplePolicy::Never);
     let one =
@@ -508,7 +437,7 @@ fn driftlite_rejects_models_it_cannot_use() {
         ..config(Control::Variance)
     };
     let mut m = DriftLite::new(&t, cfg).unwrap();
-    let g = grid(vp(), 200);
+    let g = grid(vp(), 200, 1.0);
     let run = smc::run(
         &mut m,
         &t,

@@ -2,101 +2,24 @@
 //! (MATH.md §11). Every tolerance is a z-score times a standard error estimated from
 //! independent seeds; the z is stated next to each assertion.
 
+mod common;
+
+use common::*;
 use std::sync::Arc;
 
 use ndarray::{Array1, Array2, array};
 use steer::exact::ExactLaw;
 use steer::method::{Guidance, GuidedSampler};
-use steer::model::{Covariance, GaussianMixture, NoiseLevel, ScoreModel};
-use steer::resample::Scheme;
+use steer::model::{Covariance, GaussianMixture, NoiseLevel};
 use steer::reward::{Linear, Quadratic, Reward};
 use steer::rng::{Purpose, Streams};
-use steer::schedule::{GridKind, Schedule, TimeGrid};
-use steer::smc::{self, ParticleSchedule, ResamplePolicy, Run, Settings};
-use steer::target::{Expert, Target, TiltSchedule};
-
-fn vp() -> Schedule {
-    Schedule::VpLinear {
-        beta_min: 0.1,
-        beta_max: 20.0,
-        horizon: 1.0,
-    }
-}
-
-fn grid(schedule: Schedule, steps: usize) -> TimeGrid {
-    let tau_min = if schedule.is_variance_exploding() {
-        0.002
-    } else {
-        0.0
-    };
-    let kind = if schedule.is_variance_exploding() {
-        GridKind::Edm { rho: 7.0 }
-    } else {
-        GridKind::Uniform
-    };
-    TimeGrid::new(
-        schedule,
-        kind,
-        steps,
-        schedule.default_tau_max(),
-        tau_min,
-        1.0,
-    )
-    .unwrap()
-}
-
-fn one_d(w: Array1<f64>, m: Vec<f64>, v: Array1<f64>) -> GaussianMixture {
-    let k = m.len();
-    GaussianMixture::new(
-        w,
-        Array2::from_shape_vec((k, 1), m).unwrap(),
-        Covariance::Isotropic(v),
-    )
-    .unwrap()
-}
-
-fn target(experts: Vec<(GaussianMixture, f64)>, reward: Option<Arc<dyn Reward>>) -> Target {
-    let experts = experts
-        .into_iter()
-        .map(|(m, gamma)| Expert {
-            model: Arc::new(m) as Arc<dyn ScoreModel>,
-            gamma,
-        })
-        .collect();
-    Target::new(experts, reward, TiltSchedule::Linear).unwrap()
-}
-
-fn settings(n: usize, seed: u64) -> Settings {
-    Settings {
-        particles: ParticleSchedule::Constant(n),
-        policy: ResamplePolicy::Ess { threshold: 0.5 },
-        scheme: Scheme::Systematic,
-        final_resample: false,
-        seed,
-    }
-}
+use steer::schedule::{Schedule, TimeGrid};
+use steer::smc::{self, Run};
+use steer::target::Target;
 
 fn run(t: &Target, g: &TimeGrid, guidance: Guidance, n: usize, seed: u64) -> Run {
     let mut method = GuidedSampler::new(t, guidance);
-    smc::run(&mut method, t, g, &settings(n, seed), &mut |_| {}).unwrap()
-}
-
-/// Weighted expectation of `f` over a run's output.
-fn expect(run: &Run, f: impl Fn(ndarray::ArrayView1<f64>) -> f64) -> f64 {
-    run.samples
-        .rows()
-        .into_iter()
-        .zip(run.log_weights.iter())
-        .map(|(x, l)| l.exp() * f(x))
-        .sum()
-}
-
-/// Mean and standard error over seeds of a per-run statistic.
-fn over_seeds(values: &[f64]) -> (f64, f64) {
-    let r = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / r;
-    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (r - 1.0);
-    (mean, (var / r).sqrt())
+    smc::run(&mut method, t, g, &settings(n, seed, ESS_HALF), &mut |_| {}).unwrap()
 }
 
 /// The base sampler reproduces a 2-D mixture: its MMD to exact samples lies within the
@@ -111,7 +34,7 @@ fn base_sampler_reproduces_the_mixture() {
     .unwrap();
     let t = target(vec![(mix.clone(), 1.0)], None);
     let n = 1500;
-    let out = run(&t, &grid(vp(), 500), Guidance::Base, n, 1);
+    let out = run(&t, &grid(vp(), 500, 1.0), Guidance::Base, n, 1);
     let exact = mix.sample(n, &Streams::new(99), Purpose::Reference);
     let mmd = |a: &Array2<f64>, b: &Array2<f64>| {
         steer::metrics::mmd_rbf(
@@ -209,7 +132,7 @@ fn gsmc_matches_quadratically_tilted_mixture() {
     .unwrap();
     let reward: Arc<dyn Reward> = Arc::new(Quadratic::new(array![1.5, 0.0], 0.4).unwrap());
     let t = target(vec![(mix, 1.0)], Some(reward));
-    assert_matches(&t, &grid(vp(), 400), Guidance::Corrected, 2000, 8);
+    assert_matches(&t, &grid(vp(), 400, 1.0), Guidance::Corrected, 2000, 8);
 }
 
 /// G-SMC on a product of two mixtures matches the closed-form product (MATH.md §11.5),
@@ -221,7 +144,7 @@ fn gsmc_matches_product_of_mixtures() {
     let t = target(vec![(a, 1.0), (b, 1.0)], None);
     assert_matches(
         &t,
-        &grid(Schedule::VeEdm { sigma_max: 80.0 }, 400),
+        &grid(Schedule::VeEdm { sigma_max: 80.0 }, 400, 1.0),
         Guidance::Corrected,
         2000,
         8,
@@ -235,7 +158,7 @@ fn pure_guidance_bias_is_visible_where_gsmc_is_exact() {
     let p = one_d(array![0.7, 0.3], vec![-2.0, 2.5], array![0.3, 0.5]);
     let reward: Arc<dyn Reward> = Arc::new(Quadratic::new(array![2.0], 0.3).unwrap());
     let t = target(vec![(p, 2.0)], Some(reward));
-    let g = grid(vp(), 400);
+    let g = grid(vp(), 400, 1.0);
     let positive = |r: &Run| expect(r, |x| if x[0] > 0.0 { 1.0 } else { 0.0 });
     let gsmc: Vec<f64> = (0..8)
         .map(|s| positive(&run(&t, &g, Guidance::Corrected, 2000, 50 + s)))
@@ -270,7 +193,7 @@ fn gsmc_log_normalizer_matches_linear_tilt() {
     let exact = a.dot(&array![0.5, -1.0]) + 0.5 * (0.5 * 0.64 + 2.0 * 0.09);
     let reward: Arc<dyn Reward> = Arc::new(Linear::new(a).unwrap());
     let t = target(vec![(gauss, 1.0)], Some(reward));
-    let g = grid(vp(), 500);
+    let g = grid(vp(), 500, 1.0);
     let vals: Vec<f64> = (0..8)
         .map(|s| run(&t, &g, Guidance::Corrected, 2000, 70 + s).log_normalizer)
         .collect();
@@ -292,7 +215,7 @@ fn runs_are_identical_across_thread_counts() {
     .unwrap();
     let reward: Arc<dyn Reward> = Arc::new(Quadratic::new(array![1.0, 0.0], 1.0).unwrap());
     let t = target(vec![(mix, 2.0)], Some(reward));
-    let g = grid(vp(), 50);
+    let g = grid(vp(), 50, 1.0);
     let go = |threads| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

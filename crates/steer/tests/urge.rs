@@ -1,74 +1,19 @@
 //! URGE (MATH.md §6) against closed forms, including the exact law of the discretised chain
 //! (§11.9). Tolerances: z-scores times seed-to-seed standard errors, stated per assertion.
 
+mod common;
+
+use common::*;
 use std::sync::Arc;
 
-use ndarray::{Array1, Array2, array};
+use ndarray::array;
 use steer::method::{Guidance, GuidedSampler, Method, Proposal, Twist, Urge};
-use steer::model::{Covariance, GaussianMixture, NoiseLevel, ScoreModel};
-use steer::resample::Scheme;
+use steer::model::NoiseLevel;
 use steer::reward::{Linear, Quadratic, Reward};
 use steer::rng::{Purpose, Streams};
-use steer::schedule::{GridKind, Schedule, TimeGrid};
-use steer::smc::{self, ParticleSchedule, ResamplePolicy, Run, Settings};
-use steer::target::{Expert, Target, TiltSchedule};
-
-fn vp() -> Schedule {
-    Schedule::VpLinear {
-        beta_min: 0.1,
-        beta_max: 20.0,
-        horizon: 1.0,
-    }
-}
-
-fn grid(schedule: Schedule, steps: usize, eta: f64) -> TimeGrid {
-    let ve = schedule.is_variance_exploding();
-    let kind = if ve {
-        GridKind::Edm { rho: 7.0 }
-    } else {
-        GridKind::Uniform
-    };
-    TimeGrid::new(
-        schedule,
-        kind,
-        steps,
-        schedule.default_tau_max(),
-        if ve { 0.002 } else { 0.0 },
-        eta,
-    )
-    .unwrap()
-}
-
-fn one_d(w: Array1<f64>, m: Vec<f64>, v: Array1<f64>) -> GaussianMixture {
-    let k = m.len();
-    GaussianMixture::new(
-        w,
-        Array2::from_shape_vec((k, 1), m).unwrap(),
-        Covariance::Isotropic(v),
-    )
-    .unwrap()
-}
-
-fn target(experts: Vec<(GaussianMixture, f64)>, reward: Option<Arc<dyn Reward>>) -> Target {
-    let experts = experts
-        .into_iter()
-        .map(|(m, gamma)| Expert {
-            model: Arc::new(m) as Arc<dyn ScoreModel>,
-            gamma,
-        })
-        .collect();
-    Target::new(experts, reward, TiltSchedule::Linear).unwrap()
-}
-
-fn settings(n: usize, seed: u64, policy: ResamplePolicy) -> Settings {
-    Settings {
-        particles: ParticleSchedule::Constant(n),
-        policy,
-        scheme: Scheme::Systematic,
-        final_resample: false,
-        seed,
-    }
-}
+use steer::schedule::TimeGrid;
+use steer::smc::{self, ResamplePolicy, Run};
+use steer::target::Target;
 
 fn urge(
     t: &Target,
@@ -81,22 +26,6 @@ fn urge(
 ) -> Run {
     let mut m = Urge::new(t, proposal, twist).unwrap();
     smc::run(&mut m, t, g, &settings(n, seed, policy), &mut |_| {}).unwrap()
-}
-
-fn expect(run: &Run, f: impl Fn(ndarray::ArrayView1<f64>) -> f64) -> f64 {
-    run.samples
-        .rows()
-        .into_iter()
-        .zip(run.log_weights.iter())
-        .map(|(x, l)| l.exp() * f(x))
-        .sum()
-}
-
-fn over_seeds(values: &[f64]) -> (f64, f64) {
-    let r = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / r;
-    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (r - 1.0);
-    (mean, (var / r).sqrt())
 }
 
 /// The law of the discretised base chain for Gaussian data N(μ, ς²) (MATH.md §11.9), tilted
