@@ -268,6 +268,16 @@ impl ExactLaw {
         }
     }
 
+    /// `log Z = log ∫ q̃`: exact for mixtures; for annealed mixtures the importance estimate
+    /// `log Z_m̃ + log E_m̃[q̃/m̃]` from at least 200 000 envelope draws (the ratio is bounded,
+    /// so its relative error is below ~K^{γ−1}/√200 000).
+    pub fn log_normalizer(&self, streams: &Streams) -> f64 {
+        match self {
+            ExactLaw::Mixture { log_normalizer, .. } => *log_normalizer,
+            ExactLaw::Annealed(a) => a.sample_with_log_normalizer(100_000, streams, Purpose::Reference).1,
+        }
+    }
+
     /// The mixture whose components define modes: the law itself, or the annealed envelope.
     pub fn mode_mixture(&self) -> &GaussianMixture {
         match self {
