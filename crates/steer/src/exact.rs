@@ -274,7 +274,10 @@ impl ExactLaw {
     pub fn log_normalizer(&self, streams: &Streams) -> f64 {
         match self {
             ExactLaw::Mixture { log_normalizer, .. } => *log_normalizer,
-            ExactLaw::Annealed(a) => a.sample_with_log_normalizer(100_000, streams, Purpose::Reference).1,
+            ExactLaw::Annealed(a) => {
+                a.sample_with_log_normalizer(100_000, streams, Purpose::Reference)
+                    .1
+            }
         }
     }
 

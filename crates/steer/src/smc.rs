@@ -58,6 +58,127 @@ impl ParticleSchedule {
     }
 }
 
+/// The shape of a funnel schedule: relative particle counts `ϖ_j` of the blocks, with
+/// `ϖ_0 = 1` and non-increasing (MATH.md §8.4).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FunnelShape {
+    /// `ϖ_j = 1 − (1 − ϖ_J) j/J`, falling linearly to `final_fraction`.
+    Linear {
+        /// `ϖ_J ∈ (0, 1]`.
+        final_fraction: f64,
+    },
+    /// `ϖ_j = ratio^j` (halving for 0.5, the default).
+    Geometric {
+        /// Ratio in `(0, 1)`.
+        ratio: f64,
+    },
+    /// `ϖ = 1` for blocks starting before the fraction `switch` of the steps, `final_fraction`
+    /// after.
+    TwoPhase {
+        /// Switching point as a fraction of the steps, in `(0, 1)`.
+        switch: f64,
+        /// `ϖ_min ∈ (0, 1]`.
+        final_fraction: f64,
+    },
+}
+
+/// A funnel (F-SMC) particle schedule solved for a budget (MATH.md §8.4): `blocks` blocks of
+/// near-equal length, counts `N_j = max(n_min, round(N_0 ϖ_j))`, and the largest `N_0` with
+/// `Σ_j N_j L_j ≤ N̄ M`, so that it costs no more model evaluations than `N̄` particles for
+/// all `M` steps. Returns the per-step counts and their total (the planned budget).
+pub fn funnel(
+    shape: FunnelShape,
+    budget_particles: usize,
+    steps: usize,
+    blocks: usize,
+    n_min: usize,
+) -> Result<(ParticleSchedule, u64)> {
+    let bad = |field: &str, reason: &str| Err(Error::invalid(format!("funnel.{field}"), reason));
+    if blocks == 0 || blocks > steps {
+        return bad("blocks", "must lie in 1..=steps");
+    }
+    if budget_particles == 0 {
+        return Err(Error::invalid("particles", "must be at least 1"));
+    }
+    if n_min == 0 || n_min > budget_particles {
+        return bad("min", "must lie in 1..=particles");
+    }
+    let in_unit = |v: f64| v > 0.0 && v <= 1.0;
+    let fractions: Vec<f64> = (0..blocks)
+        .map(|j| {
+            let last = (blocks - 1).max(1) as f64;
+            match shape {
+                FunnelShape::Linear { final_fraction } => {
+                    1.0 - (1.0 - final_fraction) * j as f64 / last
+                }
+                FunnelShape::Geometric { ratio } => ratio.powi(j as i32),
+                FunnelShape::TwoPhase {
+                    switch,
+                    final_fraction,
+                } => {
+                    if (j * steps) as f64 / (blocks as f64) < switch * steps as f64 {
+                        1.0
+                    } else {
+                        final_fraction
+                    }
+                }
+            }
+        })
+        .collect();
+    match shape {
+        FunnelShape::Linear { final_fraction } | FunnelShape::TwoPhase { final_fraction, .. }
+            if !in_unit(final_fraction) =>
+        {
+            return bad("final_fraction", "must lie in (0, 1]");
+        }
+        FunnelShape::Geometric { ratio } if !(ratio > 0.0 && ratio < 1.0) => {
+            return bad("ratio", "must lie in (0, 1)");
+        }
+        FunnelShape::TwoPhase { switch, .. } if !(switch > 0.0 && switch < 1.0) => {
+            return bad("switch", "must lie in (0, 1)");
+        }
+        _ => {}
+    }
+    // Block lengths: the first `steps % blocks` blocks get one extra step.
+    let lengths: Vec<usize> = (0..blocks)
+        .map(|j| steps / blocks + usize::from(j < steps % blocks))
+        .collect();
+    let counts = |n0: usize| -> Vec<usize> {
+        fractions
+            .iter()
+            .map(|f| ((n0 as f64 * f).round() as usize).max(n_min))
+            .collect()
+    };
+    let total = |n0: usize| -> u64 {
+        counts(n0)
+            .iter()
+            .zip(&lengths)
+            .map(|(n, l)| (n * l) as u64)
+            .sum()
+    };
+    let budget = (budget_particles * steps) as u64;
+    // The total is non-decreasing in N_0: bisect for the largest N_0 within the budget.
+    let (mut lo, mut hi) = (1usize, budget_particles * steps + 1);
+    if total(lo) > budget {
+        return bad("min", "the minimum count alone exceeds the budget");
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if total(mid) <= budget {
+            lo = mid
+        } else {
+            hi = mid
+        }
+    }
+    let per_block = counts(lo);
+    let per_step: Vec<usize> = per_block
+        .iter()
+        .zip(&lengths)
+        .flat_map(|(&n, &l)| std::iter::repeat_n(n, l))
+        .collect();
+    Ok((ParticleSchedule::PerStep(per_step), total(lo)))
+}
+
 /// Engine settings shared by every method.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -133,6 +254,8 @@ pub struct StepInfo {
     pub theta: Vec<f64>,
     /// `Var_W(G)` before control (DriftLite), for comparison with `potential_variance`.
     pub uncontrolled_variance: Option<f64>,
+    /// Temperature chosen by an adaptive schedule at this step.
+    pub temperature: Option<f64>,
     /// Evaluations made during this step.
     pub evaluations: EvaluationCounts,
 }
@@ -239,6 +362,7 @@ pub fn run(
             log_normalizer,
             theta: stats.theta,
             uncontrolled_variance: stats.uncontrolled_variance,
+            temperature: stats.temperature,
             evaluations: target.evaluations().snapshot().since(&before),
         };
         observe(&info);

@@ -501,6 +501,7 @@ impl Method for DriftLite<'_> {
         Ok(StepStats {
             theta,
             uncontrolled_variance: Some(uncontrolled_variance),
+            temperature: None,
         })
     }
 }

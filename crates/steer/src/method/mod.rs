@@ -7,7 +7,7 @@ mod urge;
 
 pub use driftlite::{Control, DivergenceEstimator, DriftLite, DriftLiteConfig, refine};
 pub use guided::{Guidance, GuidedSampler};
-pub use urge::{Proposal, Twist, Urge};
+pub use urge::{Potential, Proposal, Twist, TwistSchedule, Urge};
 
 use ndarray::ArrayViewMut1;
 
@@ -36,6 +36,8 @@ pub struct StepStats {
     pub theta: Vec<f64>,
     /// `Var_W(G)` of the uncontrolled potential rate, for controlled methods (DriftLite).
     pub uncontrolled_variance: Option<f64>,
+    /// Temperature `β_j` chosen at this step by an adaptive schedule.
+    pub temperature: Option<f64>,
 }
 
 /// A sampling method: a Markov kernel with its incremental log-weights.

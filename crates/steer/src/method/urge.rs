@@ -43,7 +43,7 @@ pub enum Proposal {
 }
 
 /// The twist `ψ_k` for `k < M` (MATH.md §6.3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Twist {
     /// `ψ_k ≡ 1`: pure path importance sampling, weights only at the end.
     None,
@@ -54,7 +54,63 @@ pub enum Twist {
     /// `log ψ_k = log q̃_{t_k}(x_k) − log p_{0,t_k}(x_k)`, the path of §2.2 over the base
     /// (needs log-densities).
     PathRatio,
+    /// Feynman–Kac steering potentials on the look-ahead reward `r̂_j = r(x̂_{k_j})`
+    /// (MATH.md §8.2); the terminal potential is `r(x_M) − Σ_{i<J} log G_i`, so the product of
+    /// potentials is exactly `e^{r(x_M)}`.
+    Potential(Potential),
+    /// ESS-adaptive temperature (§8.5): at each evaluation the largest `β_j ∈ [β_{j−1}, 1]`
+    /// whose increment keeps the conditional ESS at least `cess · N` (bisection), in the
+    /// telescoping form `log ψ_j = β_j r̂_j`; `β_J = 1`. Consistent; `Ẑ` is no longer unbiased.
+    AdaptiveTemperature {
+        /// Conditional-ESS fraction `κ_β ∈ (0, 1]`.
+        cess: f64,
+    },
+    /// The naive tempered potential `log G_j = β_j (r̂_j − r̂_{j−1})` (§8.5 pitfall). It does
+    /// not telescope: the target becomes `∝ P e^{r(x_M)} e^{−Σ_j Δβ_j r̂_j}`. Provided only to
+    /// show the bias; do not use it to sample.
+    NaiveTempered,
 }
+
+/// The FK-steering potential `log G_j` at evaluation `j` (MATH.md §8.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Potential {
+    /// `r̂_j − r̂_{j−1}` (`r̂_0 := 0`): telescopes to `r(x_M)` by itself.
+    Difference,
+    /// `max_{i≤j} r̂_i`.
+    Max,
+    /// `Σ_{i≤j} r̂_i` (a cumulative sum).
+    Sum,
+    /// `r̂_j`.
+    Immediate,
+}
+
+/// When the twist is evaluated: at the start of every step `k` with `(k + 1) % every == 0` —
+/// so that a resampling every `every` steps (`ResamplePolicy::Every`) follows each evaluation
+/// at once — optionally only while the elapsed fraction of sampling time lies in `window`;
+/// always at the end. Between evaluations each particle keeps its last twist value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TwistSchedule {
+    /// Evaluation period in steps (≥ 1).
+    pub every: usize,
+    /// `[s_start, s_end]` with `s = (t − t_0)/(t_M − t_0)`, or the whole run.
+    pub window: Option<(f64, f64)>,
+}
+
+impl Default for TwistSchedule {
+    fn default() -> Self {
+        TwistSchedule {
+            every: 1,
+            window: None,
+        }
+    }
+}
+
+/// Carry columns: the current `log ψ`, the previous look-ahead reward, its running maximum
+/// and running sum (the last three for the FK potentials and the naive tempering).
+const CARRY_PSI: usize = 0;
+const CARRY_PREVIOUS: usize = 1;
+const CARRY_MAX: usize = 2;
+const CARRY_SUM: usize = 3;
 
 /// URGE on a [`Target`].
 #[derive(Debug)]
@@ -68,6 +124,14 @@ pub struct Urge<'a> {
     terminal: Option<NoiseLevel>,
     /// The DriftLite controller of a controlled proposal.
     controller: Option<DriftLite<'a>>,
+    /// When the twist is evaluated.
+    schedule: TwistSchedule,
+    /// Twist evaluations made so far in this run.
+    evaluations_done: usize,
+    /// Current temperature of the adaptive twist.
+    temperature: f64,
+    /// Grid times `t_0` and `t_M`, for the evaluation window.
+    span: (f64, f64),
     buffers: Buffers,
 }
 
@@ -115,13 +179,136 @@ impl<'a> Urge<'a> {
             steps: 0,
             terminal: None,
             controller,
+            schedule: TwistSchedule::default(),
+            evaluations_done: 0,
+            temperature: 0.0,
+            span: (0.0, 1.0),
             buffers: Buffers::default(),
         })
+    }
+
+    /// Evaluates the twist only on `schedule` (FK steering's resampling steps).
+    pub fn with_twist_schedule(mut self, schedule: TwistSchedule) -> Result<Self> {
+        if schedule.every == 0 {
+            return Err(Error::invalid("urge.every", "must be at least 1"));
+        }
+        if let Some((a, b)) = schedule.window
+            && !((0.0..=1.0).contains(&a) && (0.0..=1.0).contains(&b) && a <= b)
+        {
+            return Err(Error::invalid(
+                "urge.window",
+                format!("must satisfy 0 ≤ start ≤ end ≤ 1, got [{a}, {b}]"),
+            ));
+        }
+        self.schedule = schedule;
+        Ok(self)
+    }
+
+    fn evaluated_at(&self, k: usize, t: f64) -> bool {
+        let s = (t - self.span.0) / (self.span.1 - self.span.0);
+        (k + 1) % self.schedule.every == 0
+            && self
+                .schedule
+                .window
+                .is_none_or(|(a, b)| (a..=b).contains(&s))
     }
 
     fn needs_log_densities(&self) -> bool {
         let t = self.target;
         self.twist == Twist::PathRatio || !(t.experts().len() == 1 && t.experts()[0].gamma == 1.0)
+    }
+
+    /// The Tweedie denoised mean `x̂ = (x + σ² s_0)/α` of the step's left point (§1.4).
+    fn denoised(&self, x: &Array2<f64>, step: &crate::schedule::Step) -> Array2<f64> {
+        let s0 = &self.buffers.scores[0];
+        (x + &(s0 * (step.sigma * step.sigma))) / step.alpha
+    }
+
+    /// Turns look-ahead rewards `r̂` into each particle's new `log ψ` for the FK, adaptive
+    /// and naive twists.
+    fn potential_twist(
+        &mut self,
+        look_ahead: &Array1<f64>,
+        beta: f64,
+        carry: &Array2<f64>,
+        weights: &LogWeights,
+        twist: &mut Array1<f64>,
+        stats: &mut StepStats,
+    ) {
+        let first = self.evaluations_done == 0;
+        self.evaluations_done += 1;
+        match self.twist {
+            Twist::Potential(potential) => {
+                Zip::indexed(twist).and(look_ahead).for_each(|i, out, &r| {
+                    let psi = carry[[i, CARRY_PSI]];
+                    *out = match potential {
+                        Potential::Difference => r,
+                        Potential::Immediate => psi + r,
+                        Potential::Sum => psi + carry[[i, CARRY_SUM]] + r,
+                        Potential::Max => {
+                            psi + if first {
+                                r
+                            } else {
+                                carry[[i, CARRY_MAX]].max(r)
+                            }
+                        }
+                    };
+                })
+            }
+            Twist::NaiveTempered => Zip::indexed(twist).and(look_ahead).for_each(|i, out, &r| {
+                *out = carry[[i, CARRY_PSI]] + beta * (r - carry[[i, CARRY_PREVIOUS]]);
+            }),
+            Twist::AdaptiveTemperature { cess } => {
+                let w = weights.normalized();
+                let psi = carry.column(CARRY_PSI);
+                // CESS/N of the increments b r̂ − log ψ (Zhou, Johansen & Aston 2016).
+                let fraction = |b: f64| {
+                    let inc: Vec<f64> = look_ahead
+                        .iter()
+                        .zip(psi.iter())
+                        .map(|(r, p)| b * r - p)
+                        .collect();
+                    let shift = inc.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+                    let (mut s1, mut s2) = (0.0, 0.0);
+                    for (wi, v) in w.iter().zip(&inc) {
+                        let e = (v - shift).exp();
+                        s1 += wi * e;
+                        s2 += wi * e * e;
+                    }
+                    s1 * s1 / s2
+                };
+                let (mut lo, mut hi) = (self.temperature, 1.0);
+                if fraction(hi) >= cess {
+                    lo = hi;
+                } else {
+                    for _ in 0..60 {
+                        let mid = 0.5 * (lo + hi);
+                        if fraction(mid) >= cess {
+                            lo = mid;
+                        } else {
+                            hi = mid;
+                        }
+                    }
+                }
+                self.temperature = lo;
+                stats.temperature = Some(lo);
+                Zip::from(twist)
+                    .and(look_ahead)
+                    .for_each(|out, &r| *out = lo * r);
+            }
+            Twist::None | Twist::Reward | Twist::Tweedie | Twist::PathRatio => {}
+        }
+    }
+
+    /// Records the look-ahead reward, its running maximum and its running sum in the carry.
+    fn remember(&self, look_ahead: &Array1<f64>, carry: &mut Array2<f64>) {
+        let first = self.evaluations_done == 1;
+        Zip::indexed(carry.rows_mut()).for_each(|i, mut c| {
+            let r = look_ahead[i];
+            c[CARRY_PREVIOUS] = r;
+            c[CARRY_MAX] = if first { r } else { c[CARRY_MAX].max(r) };
+            c[CARRY_SUM] += r;
+        });
     }
 
     /// `log ψ_M(x) = r(x) + Σ_e γ_e log p_e(x) − log p_0(x)` at the last grid point.
@@ -189,7 +376,7 @@ impl Method for Urge<'_> {
     }
 
     fn carry_width(&self) -> usize {
-        1
+        4
     }
 
     fn initialize(
@@ -207,6 +394,9 @@ impl Method for Urge<'_> {
         }
         self.steps = grid.len();
         self.terminal = Some(grid.level(grid.len()));
+        self.span = (grid.time(0), grid.time(grid.len()));
+        self.evaluations_done = 0;
+        self.temperature = 0.0;
         // The reference chain starts from the base model's own p⃖_0; the twist enters as weight.
         let mut init = target.sample_base_initial(grid, n, streams)?;
         init.log_weights.fill(0.0);
@@ -273,24 +463,53 @@ impl Method for Urge<'_> {
         }
 
         // Twist of the current state: log ψ_k(x_k) − log ψ_{k−1}(x_{k−1}) (the carry).
-        let mut twist = std::mem::take(&mut self.buffers.twist);
-        match self.twist {
-            Twist::None => twist.fill(0.0),
-            Twist::Reward => self.log_ratio(&level, beta, &population.x, &mut twist, false)?,
-            Twist::PathRatio => self.log_ratio(&level, beta, &population.x, &mut twist, true)?,
-            Twist::Tweedie => {
-                let s0 = &self.buffers.scores[0];
-                let denoised = (&population.x + &(s0 * (step.sigma * step.sigma))) / step.alpha;
-                self.log_ratio(&level, beta, &denoised, &mut twist, false)?;
+        let mut stats = StepStats {
+            theta,
+            ..StepStats::default()
+        };
+        let evaluate = match self.twist {
+            Twist::None => false,
+            Twist::Reward | Twist::Tweedie | Twist::PathRatio => {
+                k == 0 || self.evaluated_at(k, step.t.0)
             }
+            _ => self.evaluated_at(k, step.t.0),
+        };
+        if evaluate {
+            let mut twist = std::mem::take(&mut self.buffers.twist);
+            match self.twist {
+                Twist::None => unreachable!("never evaluated"),
+                Twist::Reward => self.log_ratio(&level, beta, &population.x, &mut twist, false)?,
+                Twist::PathRatio => {
+                    self.log_ratio(&level, beta, &population.x, &mut twist, true)?
+                }
+                Twist::Tweedie => {
+                    let denoised = self.denoised(&population.x, step);
+                    self.log_ratio(&level, beta, &denoised, &mut twist, false)?;
+                }
+                _ => {
+                    let denoised = self.denoised(&population.x, step);
+                    let mut look_ahead = Array1::zeros(n);
+                    self.log_ratio(&level, 1.0, &denoised, &mut look_ahead, false)?;
+                    check_finite_vec(&look_ahead, k, "look-ahead reward")?;
+                    self.potential_twist(
+                        &look_ahead,
+                        beta,
+                        &population.carry,
+                        weights,
+                        &mut twist,
+                        &mut stats,
+                    );
+                    self.remember(&look_ahead, &mut population.carry);
+                }
+            }
+            check_finite_vec(&twist, k, "twist")?;
+            Zip::from(&mut increments)
+                .and(&twist)
+                .and(population.carry.column(CARRY_PSI))
+                .for_each(|inc, &now, &before| *inc = now - before);
+            population.carry.column_mut(CARRY_PSI).assign(&twist);
+            self.buffers.twist = twist;
         }
-        check_finite_vec(&twist, k, "twist")?;
-        Zip::from(&mut increments)
-            .and(&twist)
-            .and(population.carry.column(0))
-            .for_each(|inc, &now, &before| *inc = now - before);
-        population.carry.column_mut(0).assign(&twist);
-        self.buffers.twist = twist;
 
         // Move by the proposal and add the exact Gaussian transition log-ratio log K^P/K^Q.
         let Buffers {
@@ -348,16 +567,20 @@ impl Method for Urge<'_> {
             let mut last = Array1::zeros(n);
             self.terminal_twist(&population.x, &mut last)?;
             check_finite_vec(&last, k, "terminal twist")?;
+            if self.twist == Twist::NaiveTempered {
+                // The naive form's last potential β_J (r(x_M) − r̂_{J−1}) with β_J = 1: no
+                // correction, so the product does not telescope to r(x_M).
+                let carry = &population.carry;
+                Zip::indexed(&mut last)
+                    .for_each(|i, v| *v += carry[[i, CARRY_PSI]] - carry[[i, CARRY_PREVIOUS]]);
+            }
             Zip::from(&mut increments)
                 .and(&last)
-                .and(population.carry.column(0))
+                .and(population.carry.column(CARRY_PSI))
                 .for_each(|inc, &now, &before| *inc += now - before);
-            population.carry.column_mut(0).assign(&last);
+            population.carry.column_mut(CARRY_PSI).assign(&last);
         }
-        Ok(StepStats {
-            theta,
-            uncontrolled_variance: None,
-        })
+        Ok(stats)
     }
 }
 
