@@ -336,7 +336,7 @@ pub fn run(
             && match settings.policy {
                 ResamplePolicy::Never => false,
                 ResamplePolicy::Ess { threshold } => ess_fraction < threshold,
-                ResamplePolicy::Every { period } => (k + 1) % period == 0,
+                ResamplePolicy::Every { period } => (k + 1).is_multiple_of(period),
             };
         let resampled = k + 1 < m && (fires || next != n);
         if resampled {

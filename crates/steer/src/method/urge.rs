@@ -206,7 +206,7 @@ impl<'a> Urge<'a> {
 
     fn evaluated_at(&self, k: usize, t: f64) -> bool {
         let s = (t - self.span.0) / (self.span.1 - self.span.0);
-        (k + 1) % self.schedule.every == 0
+        (k + 1).is_multiple_of(self.schedule.every)
             && self
                 .schedule
                 .window
