@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use ndarray::Array1;
 use serde::Deserialize;
-use steer::method::{Control, DivergenceEstimator, DriftLiteConfig, Guidance};
+use steer::method::{Control, DivergenceEstimator, DriftLiteConfig, Guidance, Proposal, Twist};
 use steer::model::{Probe, ScoreModel};
 use steer::resample::Scheme;
 use steer::reward::{Linear, MixtureLogDensity, Quadratic, Reward};
@@ -22,7 +22,7 @@ use crate::io;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Sampling method: "base", "pg", "g-smc", "vcg", "vcg-smc", "ecg" or "ecg-smc".
+    /// Sampling method: "base", "pg", "g-smc", "vcg", "vcg-smc", "ecg", "ecg-smc" or "urge".
     pub method: String,
     /// Number of particles N.
     pub particles: usize,
@@ -43,8 +43,20 @@ pub struct Config {
     /// Output settings.
     #[serde(default)]
     pub output: OutputConfig,
-    /// DriftLite settings (methods vcg, vcg-smc, ecg, ecg-smc).
+    /// DriftLite settings (methods vcg, vcg-smc, ecg, ecg-smc; URGE's controlled proposal).
     pub driftlite: Option<DriftLiteSection>,
+    /// URGE settings (method urge).
+    pub urge: Option<UrgeSection>,
+}
+
+/// `[urge]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UrgeSection {
+    /// Proposal drift: "base", "guided" (default), "vcg" or "ecg".
+    pub proposal: Option<String>,
+    /// Twist: "none", "reward", "tweedie" (default) or "path".
+    pub twist: Option<String>,
 }
 
 /// `[driftlite]`.
@@ -66,6 +78,13 @@ pub struct DriftLiteSection {
 /// What `method` runs.
 #[derive(Clone, Copy, Debug)]
 pub enum Plan {
+    /// URGE with its proposal and twist.
+    Urge {
+        /// Proposal drift.
+        proposal: Proposal,
+        /// Twist.
+        twist: Twist,
+    },
     /// Base sampler, PG or G-SMC.
     Guided(Guidance),
     /// DriftLite with its settings and refinement passes; `resamples` for the -smc variants.
@@ -386,12 +405,64 @@ impl Config {
             "vcg-smc" => driftlite(Control::Variance, true)?,
             "ecg" => driftlite(Control::Energy, false)?,
             "ecg-smc" => driftlite(Control::Energy, true)?,
+            "urge" => {
+                let section = self.urge.as_ref();
+                let proposal = match section
+                    .and_then(|s| s.proposal.as_deref())
+                    .unwrap_or("guided")
+                {
+                    "base" => Proposal::Base,
+                    "guided" => Proposal::Guided,
+                    "vcg" | "ecg" => {
+                        let control = if section.and_then(|s| s.proposal.as_deref()) == Some("vcg")
+                        {
+                            Control::Variance
+                        } else {
+                            Control::Energy
+                        };
+                        match driftlite(control, true)? {
+                            Plan::DriftLite {
+                                config, passes: 1, ..
+                            } => Proposal::Controlled(config),
+                            _ => bail!(
+                                "`driftlite.passes` does not apply to URGE's controlled proposal"
+                            ),
+                        }
+                    }
+                    other => bail!(
+                        "`urge.proposal` = \"{other}\" is unknown (expected base, guided, vcg or ecg)"
+                    ),
+                };
+                let twist = match section
+                    .and_then(|s| s.twist.as_deref())
+                    .unwrap_or("tweedie")
+                {
+                    "none" => Twist::None,
+                    "reward" => Twist::Reward,
+                    "tweedie" => Twist::Tweedie,
+                    "path" => Twist::PathRatio,
+                    other => bail!(
+                        "`urge.twist` = \"{other}\" is unknown (expected none, reward, tweedie or path)"
+                    ),
+                };
+                if self.driftlite.is_some() && !matches!(proposal, Proposal::Controlled(_)) {
+                    bail!(
+                        "the [driftlite] section applies to URGE only with proposal = \"vcg\" or \"ecg\""
+                    );
+                }
+                Plan::Urge { proposal, twist }
+            }
             other => bail!(
-                "`method` = \"{other}\" is unknown (expected base, pg, g-smc, vcg, vcg-smc, ecg or ecg-smc)"
+                "`method` = \"{other}\" is unknown (expected base, pg, g-smc, vcg, vcg-smc, ecg, ecg-smc or urge)"
             ),
         };
         if matches!(plan, Plan::Guided(_)) && self.driftlite.is_some() {
-            bail!("the [driftlite] section applies only to methods vcg, vcg-smc, ecg and ecg-smc");
+            bail!(
+                "the [driftlite] section applies only to methods vcg, vcg-smc, ecg, ecg-smc and urge"
+            );
+        }
+        if self.urge.is_some() && !matches!(plan, Plan::Urge { .. }) {
+            bail!("the [urge] section applies only to method = \"urge\"");
         }
         if let Plan::DriftLite {
             resamples: false, ..

@@ -1,5 +1,6 @@
-//! The `steer` command line: sample, reference, eval.
+//! The `steer` command line: sample, reference, eval, bench.
 
+mod bench;
 mod config;
 mod io;
 mod plot;
@@ -9,11 +10,10 @@ mod report;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use ndarray::Array1;
-use steer::method::{GuidedSampler, Method, refine};
-use steer::rng::{Purpose, Streams};
+use steer::method::{GuidedSampler, Method, Urge, refine};
 use steer::schedule::TimeGrid;
 use steer::smc;
 use steer::target::Target;
@@ -91,6 +91,33 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Run several methods × particle counts × seeds against one reference; write a table and plots.
+    Bench {
+        /// Run configuration (its method, particles and seed are overridden per run).
+        #[arg(long)]
+        config: PathBuf,
+        /// Methods, comma-separated, e.g. `pg,g-smc,vcg,vcg-smc,ecg,ecg-smc`.
+        #[arg(long, value_delimiter = ',', required = true)]
+        methods: Vec<String>,
+        /// Particle counts N, comma-separated, e.g. `256,1024,4096`.
+        #[arg(long, value_delimiter = ',', required = true)]
+        particles: Vec<usize>,
+        /// Seeds per method and N: the config's seed, seed + 1, ….
+        #[arg(long, default_value_t = 5)]
+        seeds: usize,
+        /// Override a config field (applied before the per-run overrides).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Reference samples (`.npy`), or `exact` to draw them from the closed form.
+        #[arg(long)]
+        reference: Option<String>,
+        /// Number of exact reference samples drawn for `--reference exact`.
+        #[arg(long, default_value_t = 10_000)]
+        reference_samples: usize,
+        /// Output folder (written atomically; replaces a previous steer output).
+        #[arg(long, default_value = "out/bench")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -132,6 +159,25 @@ fn main() -> ExitCode {
             reference,
             seed,
         } => eval(&samples, log_weights.as_deref(), &reference, seed),
+        Command::Bench {
+            config,
+            methods,
+            particles,
+            seeds,
+            set,
+            reference,
+            reference_samples,
+            out,
+        } => bench::run(&bench::Args {
+            config: &config,
+            out: &out,
+            methods: &methods,
+            particles: &particles,
+            seeds,
+            set: &set,
+            reference: reference.as_deref(),
+            reference_samples,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -157,6 +203,10 @@ fn execute(
                 smc::run(&mut m, target, grid, settings, observe)?,
                 m.weighted(),
             )
+        }
+        config::Plan::Urge { proposal, twist } => {
+            let mut m = Urge::new(target, proposal, twist)?;
+            (smc::run(&mut m, target, grid, settings, observe)?, true)
         }
         config::Plan::DriftLite { config, passes, .. } => {
             let run = refine(target, grid, settings, config, passes, &mut |_, info| {
@@ -188,36 +238,13 @@ fn sample(
     let plan = config
         .plan(&target)
         .with_context(|| format!("{}", config_path.display()))?;
-    let reference = match reference {
-        None => None,
-        Some("exact") => {
-            let law = target
-                .exact_terminal_law(&grid)
-                .ok_or_else(|| anyhow!("--reference exact: this target has no closed form; run `steer reference` (MCMC) and pass the .npy"))?;
-            let (x, _) = law.sample(
-                reference_samples,
-                &Streams::new(config.seed ^ 0x5eed),
-                Purpose::Reference,
-            );
-            Some(x)
-        }
-        Some(path) => {
-            let x = io::read_samples(Path::new(path))?;
-            if x.ncols() != target.dim() {
-                bail!(
-                    "reference {path} has dimension {}, the target has {}",
-                    x.ncols(),
-                    target.dim()
-                );
-            }
-            Some(x)
-        }
-    };
+    let reference =
+        report::reference_samples(&target, &grid, reference, reference_samples, config.seed)?;
     let staging = io::Staging::new(out)?;
 
     let passes = match plan {
         config::Plan::DriftLite { passes, .. } => passes,
-        config::Plan::Guided(_) => 1,
+        config::Plan::Guided(_) | config::Plan::Urge { .. } => 1,
     };
     let bar = report::progress(
         (passes * grid.len()) as u64,

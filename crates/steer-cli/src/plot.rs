@@ -13,6 +13,7 @@ use ndarray::{ArrayView1, ArrayView2};
 use plotters::coord::Shift;
 use plotters::coord::combinators::WithKeyPoints;
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::register_font;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -45,7 +46,6 @@ const BOLD_GRID: RGBColor = RGBColor(218, 218, 218);
 const LEGEND_BORDER: RGBColor = RGBColor(160, 160, 160);
 
 /// Line colours (matplotlib's "tab10").
-#[allow(dead_code)] // Multi-series plots: used by loss curves and `steer bench` (later issues).
 const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -132,7 +132,6 @@ pub fn trace_plot(
 
 /// Line plot of several `(label, x, y)` series with a legend; non-finite
 /// points (and non-positive ones when `log_y`) are skipped, breaking the line.
-#[allow(dead_code)] // Multi-series plots: used by loss curves and `steer bench` (later issues).
 pub fn lines_plot(
     path: &Path,
     x_label: &str,
@@ -141,8 +140,66 @@ pub fn lines_plot(
     log_y: bool,
     title: &str,
 ) -> Result<()> {
+    let series: Vec<Series> = series
+        .iter()
+        .enumerate()
+        .map(|(k, (label, x, y))| Series::new(label, x.clone(), y.clone(), k))
+        .collect();
+    series_plot(path, x_label, y_label, &series, false, log_y, title)
+}
+
+/// One line of a [`series_plot`].
+#[derive(Clone, Debug)]
+pub struct Series {
+    /// Legend entry (none when empty).
+    pub label: String,
+    /// x values.
+    pub x: Vec<f64>,
+    /// y values, one per x value.
+    pub y: Vec<f64>,
+    /// Half-lengths of symmetric error bars, one per point (non-finite or zero: no bar).
+    pub error: Option<Vec<f64>>,
+    /// Palette slot: series with the same slot share a colour.
+    pub color: usize,
+    /// Dashed line, e.g. a secondary quantity of the solid series of the same colour.
+    pub dashed: bool,
+    /// Horizontal shift when drawn, as a fraction of the plot's width, to tell apart the
+    /// error bars of series that share x values (0: none).
+    pub shift: f64,
+}
+
+impl Series {
+    /// A solid line without error bars in palette slot `color`.
+    pub fn new(label: &str, x: Vec<f64>, y: Vec<f64>, color: usize) -> Self {
+        Series {
+            label: label.to_string(),
+            x,
+            y,
+            error: None,
+            color,
+            dashed: false,
+            shift: 0.0,
+        }
+    }
+}
+
+/// Line plot of several [`Series`] with optional error bars, dashed lines and log axes.
+/// Non-finite points (and non-positive ones on a log axis) are skipped, breaking the
+/// line; an error bar reaching below zero on a log y axis is cut at the bottom of the
+/// plot. A log x axis has its ticks at the data's x values when there are at most
+/// eight distinct ones (such as particle counts). A series identical to an earlier one
+/// (same points, error bars and dash) is drawn once, with the labels joined by " = ".
+pub fn series_plot(
+    path: &Path,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    log_x: bool,
+    log_y: bool,
+    title: &str,
+) -> Result<()> {
     render_png(path, SQUARE, |root| {
-        draw_lines(root, x_label, y_label, series, log_y, title)
+        draw_lines(root, x_label, y_label, series, log_x, log_y, title)
     })
 }
 
@@ -243,7 +300,7 @@ where
         .y_label_formatter(&|v| fmt_tick(*v))
         .draw()?;
 
-    let frac = Fraction::new(&x_range, &y_range, false);
+    let frac = Fraction::new(&x_range, &y_range, false, false);
     let mut ink = Vec::new();
     let mut labels = Vec::new();
 
@@ -347,7 +404,7 @@ where
         .draw()?;
 
     // The legend avoids the bars: every bar counts as a column of ink.
-    let frac = Fraction::new(&x_range, &(0.0..y_max), false);
+    let frac = Fraction::new(&x_range, &(0.0..y_max), false, false);
     let mut ink = Vec::new();
     for density in std::iter::once(&sample_density).chain(reference_density.iter()) {
         for (k, &h) in density.iter().enumerate() {
@@ -592,7 +649,7 @@ where
     if drawn {
         labels.push("ESS / N".to_string());
     }
-    let frac = Fraction::new(&t_range, &(0.0..1.05), false);
+    let frac = Fraction::new(&t_range, &(0.0..1.05), false, false);
     draw_legend(
         &mut chart,
         &labels,
@@ -679,6 +736,25 @@ fn note_style() -> TextStyle<'static> {
         .pos(Pos::new(HPos::Center, VPos::Center))
 }
 
+/// Colour and dash of a line.
+#[derive(Clone, Copy)]
+struct LineStyle {
+    color: RGBColor,
+    dashed: bool,
+}
+
+impl From<RGBColor> for LineStyle {
+    fn from(color: RGBColor) -> Self {
+        LineStyle {
+            color,
+            dashed: false,
+        }
+    }
+}
+
+/// Dash and gap lengths of dashed lines, in pixels.
+const DASH: (u32, u32) = (9, 6);
+
 /// Draws `points` as a line broken wherever `valid(x, y)` fails, with small
 /// markers when there are at most `marker_limit` valid points; `label` (if
 /// any) becomes the legend entry. Returns whether anything was drawn.
@@ -686,7 +762,7 @@ fn draw_broken_line<'a, DB, X, Y>(
     chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
     points: &[(f64, f64)],
     valid: impl Fn(f64, f64) -> bool,
-    color: RGBColor,
+    style: impl Into<LineStyle>,
     label: Option<&str>,
     marker_limit: usize,
 ) -> Result<bool>
@@ -696,22 +772,29 @@ where
     X: Ranged<ValueType = f64>,
     Y: Ranged<ValueType = f64>,
 {
+    let LineStyle { color, dashed } = style.into();
+    let stroke = color.stroke_width(2);
     let segments = segments(points, valid);
     let count: usize = segments.iter().map(Vec::len).sum();
     let markers = count <= marker_limit;
-    let mut labelled = false;
+    let mut label = label;
     for segment in segments {
         if markers || segment.len() == 1 {
             chart.draw_series(segment.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
         }
-        let anno = chart.draw_series(LineSeries::new(segment, color.stroke_width(2)))?;
-        if let Some(label) = label
-            && !labelled
-        {
-            anno.label(label).legend(move |(x, y)| {
-                PathElement::new(vec![(x - 10, y), (x + 10, y)], color.stroke_width(2))
-            });
-            labelled = true;
+        if dashed {
+            let anno = chart.draw_series(DashedLineSeries::new(segment, DASH.0, DASH.1, stroke))?;
+            if let Some(label) = label.take() {
+                anno.label(label).legend(move |(x, y)| {
+                    DashedPathElement::new(vec![(x - 12, y), (x + 12, y)], DASH.0, DASH.1, stroke)
+                });
+            }
+        } else {
+            let anno = chart.draw_series(LineSeries::new(segment, stroke))?;
+            if let Some(label) = label.take() {
+                anno.label(label)
+                    .legend(move |(x, y)| PathElement::new(vec![(x - 10, y), (x + 10, y)], stroke));
+            }
         }
     }
     Ok(count > 0)
@@ -737,12 +820,12 @@ fn segments(points: &[(f64, f64)], valid: impl Fn(f64, f64) -> bool) -> Vec<Vec<
 // ---------------------------------------------------------------------------
 // Lines.
 
-#[allow(dead_code)] // Multi-series plots: used by loss curves and `steer bench` (later issues).
 fn draw_lines<DB>(
     root: &DrawingArea<DB, Shift>,
     x_label: &str,
     y_label: &str,
-    series: &[(String, Vec<f64>, Vec<f64>)],
+    series: &[Series],
+    log_x: bool,
     log_y: bool,
     title: &str,
 ) -> Result<()>
@@ -750,84 +833,159 @@ where
     DB: DrawingBackend,
     DB::ErrorType: 'static,
 {
-    for (label, x, y) in series {
+    for s in series {
         ensure!(
-            x.len() == y.len(),
-            "series {label:?} has {} x values and {} y values",
-            x.len(),
-            y.len()
+            s.x.len() == s.y.len(),
+            "series {:?} has {} x values and {} y values",
+            s.label,
+            s.x.len(),
+            s.y.len()
         );
+        if let Some(e) = &s.error {
+            ensure!(
+                e.len() == s.y.len(),
+                "series {:?} has {} error bars for {} points",
+                s.label,
+                e.len(),
+                s.y.len()
+            );
+        }
     }
+    let series = &merge_identical(series);
     root.fill(&WHITE)?;
-    let valid = move |x: f64, y: f64| x.is_finite() && y.is_finite() && (!log_y || y > 0.0);
+    let valid = move |x: f64, y: f64| {
+        x.is_finite() && y.is_finite() && (!log_x || x > 0.0) && (!log_y || y > 0.0)
+    };
     let (mut x_min, mut x_max) = (f64::INFINITY, f64::NEG_INFINITY);
     let (mut y_min, mut y_max) = (f64::INFINITY, f64::NEG_INFINITY);
-    for (_, xs, ys) in series {
-        for (&x, &y) in xs.iter().zip(ys) {
-            if valid(x, y) {
-                x_min = x_min.min(x);
-                x_max = x_max.max(x);
-                y_min = y_min.min(y);
-                y_max = y_max.max(y);
+    let mut xs = Vec::new();
+    for s in series {
+        for (i, (&x, &y)) in s.x.iter().zip(&s.y).enumerate() {
+            if !valid(x, y) {
+                continue;
             }
+            xs.push(x);
+            x_min = x_min.min(x);
+            x_max = x_max.max(x);
+            let e = error_at(s, i);
+            y_max = y_max.max(y + e);
+            y_min = y_min.min(if !log_y || y - e > 0.0 { y - e } else { y });
         }
     }
     let empty = x_min > x_max;
-    let x_range = if empty {
-        0.0..1.0
-    } else {
-        padded(x_min, x_max, 0.02)
+    let shift = series.iter().map(|s| s.shift.abs()).fold(0.0, f64::max);
+    let x_range = match (empty, log_x) {
+        (true, false) => 0.0..1.0,
+        (true, true) => 0.1..10.0,
+        (false, false) => padded(x_min, x_max, 0.02 + 1.1 * shift),
+        (false, true) => log_padded(x_min, x_max),
+    };
+    let y_range = match (empty, log_y) {
+        (true, false) => 0.0..1.0,
+        (true, true) => 0.1..10.0,
+        (false, false) => padded(y_min, y_max, 0.05),
+        (false, true) => log_padded(y_min, y_max),
     };
     let chart = LinesChart {
-        x_label,
         series,
         valid: &valid,
         empty,
         title,
+        frac: Fraction::new(&x_range, &y_range, log_x, log_y),
     };
-    if log_y {
-        let y_range = if empty {
-            0.1..10.0
+    let log_label = |label: &str, log: bool| {
+        if log {
+            format!("{label}  (log scale)")
         } else {
-            log_padded(y_min, y_max)
-        };
-        let frac = Fraction::new(&x_range, &y_range, true);
-        let y_label = format!("{y_label}  (log scale)");
-        chart.draw(root, &y_label, x_range, log_axis(&y_range), &frac)
-    } else {
-        let y_range = if empty {
-            0.0..1.0
+            label.to_string()
+        }
+    };
+    let labels = (log_label(x_label, log_x), log_label(y_label, log_y));
+    xs.sort_by(f64::total_cmp);
+    xs.dedup();
+    let x_axis = || {
+        if xs.len() <= 8 && !xs.is_empty() {
+            log_axis_with(&x_range, xs.clone(), Vec::new())
         } else {
-            padded(y_min, y_max, 0.05)
-        };
-        let frac = Fraction::new(&x_range, &y_range, false);
-        chart.draw(root, y_label, x_range, y_range, &frac)
+            log_axis(&x_range)
+        }
+    };
+    match (log_x, log_y) {
+        (false, false) => chart.draw(root, &labels, x_range.clone(), y_range.clone()),
+        (false, true) => chart.draw(root, &labels, x_range.clone(), log_axis(&y_range)),
+        (true, false) => chart.draw(root, &labels, x_axis(), y_range.clone()),
+        (true, true) => chart.draw(root, &labels, x_axis(), log_axis(&y_range)),
     }
 }
 
-/// What a line chart draws, apart from its y axis.
-#[allow(dead_code)] // Multi-series plots: used by loss curves and `steer bench` (later issues).
+/// `series` with each series identical to an earlier one (same points, error bars and dash)
+/// folded into it, their labels joined.
+fn merge_identical(series: &[Series]) -> Vec<Series> {
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let key = |s: &Series| {
+        (
+            s.dashed,
+            bits(&s.x),
+            bits(&s.y),
+            s.error.as_deref().map(bits),
+        )
+    };
+    let mut out: Vec<Series> = Vec::new();
+    for s in series {
+        match out.iter_mut().find(|o| key(o) == key(s)) {
+            Some(o) => o.label = joined_label(&o.label, &s.label),
+            None => out.push(s.clone()),
+        }
+    }
+    out
+}
+
+/// "a = b", with a parenthesised suffix common to both written once:
+/// "vcg (before) = vcg-smc (before)" is "vcg = vcg-smc (before)".
+fn joined_label(a: &str, b: &str) -> String {
+    if a.is_empty() || b.is_empty() {
+        return format!("{a}{b}");
+    }
+    if a.ends_with(')')
+        && let (Some(i), Some(j)) = (a.rfind(" ("), b.rfind(" ("))
+        && a[i..] == b[j..]
+    {
+        return format!("{} = {}{}", &a[..i], &b[..j], &a[i..]);
+    }
+    format!("{a} = {b}")
+}
+
+/// The error-bar half-length of point `i` of `s` (0 when it has none).
+fn error_at(s: &Series, i: usize) -> f64 {
+    s.error
+        .as_ref()
+        .map(|e| e[i])
+        .filter(|e| e.is_finite() && *e > 0.0)
+        .unwrap_or(0.0)
+}
+
+/// What a line chart draws, apart from its axes.
 struct LinesChart<'a> {
-    x_label: &'a str,
-    series: &'a [(String, Vec<f64>, Vec<f64>)],
+    series: &'a [Series],
     valid: &'a dyn Fn(f64, f64) -> bool,
     empty: bool,
     title: &'a str,
+    frac: Fraction,
 }
 
-#[allow(dead_code)] // Multi-series plots: used by loss curves and `steer bench` (later issues).
 impl LinesChart<'_> {
-    fn draw<DB, YR>(
+    fn draw<DB, XR, YR>(
         &self,
         root: &DrawingArea<DB, Shift>,
-        y_label: &str,
-        x_range: Range<f64>,
+        (x_label, y_label): &(String, String),
+        x_range: XR,
         y_range: YR,
-        frac: &Fraction,
     ) -> Result<()>
     where
         DB: DrawingBackend,
         DB::ErrorType: 'static,
+        XR: AsRangedCoord<Value = f64>,
+        XR::CoordDescType: Ranged<ValueType = f64> + ValueFormatter<f64>,
         YR: AsRangedCoord<Value = f64>,
         YR::CoordDescType: Ranged<ValueType = f64> + ValueFormatter<f64>,
     {
@@ -836,10 +994,10 @@ impl LinesChart<'_> {
             .margin(20)
             .x_label_area_size(55)
             .y_label_area_size(75)
-            .build_cartesian_2d(x_range.clone(), y_range)?;
+            .build_cartesian_2d(x_range, y_range)?;
         chart
             .configure_mesh()
-            .x_desc(self.x_label)
+            .x_desc(x_label)
             .y_desc(y_label)
             .axis_desc_style((FONT, AXIS_DESC_SIZE))
             .label_style((FONT, TICK_SIZE))
@@ -851,25 +1009,59 @@ impl LinesChart<'_> {
             .draw()?;
 
         if self.empty {
-            let r = chart.y_range();
-            let centre = (
-                0.5 * (x_range.start + x_range.end),
-                frac.y_at(0.5, &(r.start..r.end)),
-            );
-            chart
-                .plotting_area()
-                .draw(&Text::new("no data", centre, note_style()))?;
+            chart.plotting_area().draw(&Text::new(
+                "no data",
+                self.frac.at(0.5, 0.5),
+                note_style(),
+            ))?;
             return Ok(());
         }
 
+        let bottom = self.frac.at(0.0, 0.0).1;
         let mut labels = Vec::new();
         let mut ink = Vec::new();
-        for (k, (label, xs, ys)) in self.series.iter().enumerate() {
-            let color = PALETTE[k % PALETTE.len()];
-            let label = (!label.is_empty()).then_some(label.as_str());
-            let points: Vec<(f64, f64)> = xs.iter().copied().zip(ys.iter().copied()).collect();
-            let drawn = draw_broken_line(&mut chart, &points, self.valid, color, label, 40)?;
-            ink.extend(line_ink(&points, self.valid, frac));
+        for s in self.series {
+            let color = PALETTE[s.color % PALETTE.len()];
+            let label = (!s.label.is_empty()).then_some(s.label.as_str());
+            let frac = &self.frac;
+            let shifted = |x: f64| frac.at(frac.of((x, 1.0)).0 + s.shift, 0.5).0;
+            let points: Vec<(f64, f64)> = if s.shift == 0.0 {
+                s.x.iter().copied().zip(s.y.iter().copied()).collect()
+            } else {
+                s.x.iter()
+                    .map(|&x| shifted(x))
+                    .zip(s.y.iter().copied())
+                    .collect()
+            };
+            let style = LineStyle {
+                color,
+                dashed: s.dashed,
+            };
+            let drawn = draw_broken_line(&mut chart, &points, self.valid, style, label, 40)?;
+            ink.extend(line_ink(&points, self.valid, &self.frac));
+            if s.error.is_some() {
+                // (x, bottom, top, whether the bottom is cut at the axis).
+                let bars: Vec<(f64, f64, f64, bool)> = points
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, &(x, y))| (self.valid)(x, y) && error_at(s, i) > 0.0)
+                    .map(|(i, &(x, y))| {
+                        let e = error_at(s, i);
+                        let cut = self.frac.log_y && y - e <= 0.0;
+                        (x, if cut { bottom } else { y - e }, y + e, cut)
+                    })
+                    .collect();
+                let stroke = color.stroke_width(2);
+                for &(x, lo, hi, cut) in &bars {
+                    chart.draw_series([PathElement::new(vec![(x, lo), (x, hi)], stroke)])?;
+                    let caps = if cut { &[hi][..] } else { &[lo, hi][..] };
+                    chart.draw_series(caps.iter().map(|&y| {
+                        EmptyElement::at((x, y)) + PathElement::new(vec![(-6, 0), (6, 0)], stroke)
+                    }))?;
+                    let ((fx, flo), (_, fhi)) = (self.frac.of((x, lo)), self.frac.of((x, hi)));
+                    ink.extend((0..=20).map(|j| (fx, flo + (fhi - flo) * j as f64 / 20.0)));
+                }
+            }
             if let Some(label) = label
                 && drawn
             {
@@ -887,24 +1079,29 @@ impl LinesChart<'_> {
 struct Fraction {
     x: Range<f64>,
     y: Range<f64>,
+    log_x: bool,
     log_y: bool,
 }
 
 impl Fraction {
-    fn new(x: &Range<f64>, y: &Range<f64>, log_y: bool) -> Self {
-        let y = if log_y {
-            y.start.log10()..y.end.log10()
-        } else {
-            y.clone()
+    fn new(x: &Range<f64>, y: &Range<f64>, log_x: bool, log_y: bool) -> Self {
+        let axis = |r: &Range<f64>, log: bool| {
+            if log {
+                r.start.log10()..r.end.log10()
+            } else {
+                r.clone()
+            }
         };
         Self {
-            x: x.clone(),
-            y,
+            x: axis(x, log_x),
+            y: axis(y, log_y),
+            log_x,
             log_y,
         }
     }
 
     fn of(&self, (x, y): (f64, f64)) -> (f64, f64) {
+        let x = if self.log_x { x.log10() } else { x };
         let y = if self.log_y { y.log10() } else { y };
         (
             (x - self.x.start) / (self.x.end - self.x.start),
@@ -912,14 +1109,14 @@ impl Fraction {
         )
     }
 
-    /// The data y at fraction `f` of the (data) range `range`.
-    #[allow(dead_code)] // Multi-series plots: used by loss curves and `steer bench` (later issues).
-    fn y_at(&self, f: f64, range: &Range<f64>) -> f64 {
-        if self.log_y {
-            pow10(range.start.log10() + f * (range.end.log10() - range.start.log10()))
-        } else {
-            range.start + f * (range.end - range.start)
-        }
+    /// The data point at fractions `(fx, fy)` of the plotting area.
+    fn at(&self, fx: f64, fy: f64) -> (f64, f64) {
+        let x = self.x.start + fx * (self.x.end - self.x.start);
+        let y = self.y.start + fy * (self.y.end - self.y.start);
+        (
+            if self.log_x { pow10(x) } else { x },
+            if self.log_y { pow10(y) } else { y },
+        )
     }
 }
 
@@ -962,6 +1159,15 @@ fn log_padded(lo: f64, hi: f64) -> Range<f64> {
 /// A log axis over `range` with readable tick marks.
 fn log_axis(range: &Range<f64>) -> WithKeyPoints<LogCoord<f64>> {
     let (bold, light) = log_ticks(range.start, range.end);
+    log_axis_with(range, bold, light)
+}
+
+/// A log axis over `range` with labelled ticks at `bold` and unlabelled ones at `light`.
+fn log_axis_with(
+    range: &Range<f64>,
+    bold: Vec<f64>,
+    light: Vec<f64>,
+) -> WithKeyPoints<LogCoord<f64>> {
     range
         .clone()
         .log_scale()
@@ -1334,6 +1540,46 @@ mod tests {
             false,
             "benchmark",
         )?;
+
+        // Error bars (one reaching below zero), dashed companions, log axes.
+        let mut with_errors = Vec::new();
+        for (k, (label, x, y)) in bench.iter().enumerate() {
+            let mut s = Series::new(label, x.clone(), y.iter().map(|v| 1.0 / v).collect(), k);
+            s.error = Some(s.y.iter().map(|v| 0.3 * v).collect());
+            s.shift = 0.01 * (k as f64 - 1.0);
+            with_errors.push(s);
+            let mut d = Series::new(
+                &format!("{label} (before)"),
+                x.clone(),
+                y.iter().map(|v| 3.0 / v).collect(),
+                k,
+            );
+            d.dashed = true;
+            with_errors.push(d);
+        }
+        with_errors[0].error.as_mut().unwrap()[2] = 10.0;
+        // Drawn once, labelled "twisted = copy (before)".
+        let mut copy = with_errors[3].clone();
+        copy.label = "copy (before)".to_string();
+        with_errors.push(copy);
+        series_plot(
+            &dir.join("series_log_log.png"),
+            "particles N",
+            "error",
+            &with_errors,
+            true,
+            true,
+            "errors vs N",
+        )?;
+        series_plot(
+            &dir.join("series_linear.png"),
+            "particles N",
+            "error",
+            &with_errors,
+            false,
+            false,
+            "errors vs N",
+        )?;
         Ok(())
     }
 
@@ -1349,6 +1595,8 @@ mod tests {
             "samples_1d_plain",
             "lines_log",
             "lines_linear",
+            "series_log_log",
+            "series_linear",
         ] {
             check_png(&dir.path().join(format!("{name}.png")), SQUARE);
         }
@@ -1398,9 +1646,9 @@ mod tests {
             .count();
         assert!(note > 50, "note not drawn ({note} grey pixels)");
 
-        let series = vec![("only".to_string(), vec![1.0, 2.0], vec![3.0, 4.0])];
+        let series = vec![Series::new("only", vec![1.0, 2.0], vec![3.0, 4.0], 0)];
         let buf = render_buffer(SQUARE, |root| {
-            draw_lines(root, "x", "y", &series, true, "LINES")
+            draw_lines(root, "x", "y", &series, false, true, "LINES")
         });
         assert!(dark_pixels(&buf, SQUARE.0, (350, 550), (0, 50)) > 50);
     }
@@ -1434,6 +1682,12 @@ mod tests {
         assert!(trace_plot(&dir.path().join("c.png"), &[0.0, 1.0], &[1.0], &[], &[], "").is_err());
         let bad = vec![("s".to_string(), vec![0.0], vec![])];
         assert!(lines_plot(&dir.path().join("d.png"), "x", "y", &bad, false, "").is_err());
+        let mut bad = Series::new("s", vec![1.0, 2.0], vec![1.0, 2.0], 0);
+        bad.error = Some(vec![0.1]);
+        let err =
+            series_plot(&dir.path().join("e.png"), "x", "y", &[bad], true, true, "").unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.contains("1 error bars for 2 points"), "{err}");
     }
 
     #[test]
@@ -1457,6 +1711,11 @@ mod tests {
         lines_plot(&dir.join("e.png"), "x", "y", &[], true, "none").unwrap();
         let neg = vec![("neg".to_string(), vec![0.0, 1.0], vec![-1.0, 0.0])];
         lines_plot(&dir.join("f.png"), "x", "y", &neg, true, "nonpositive").unwrap();
+        // Log x with non-positive x, and error bars that are NaN, zero or cross zero.
+        let mut s = Series::new("s", vec![0.0, 1.0, 2.0, 4.0], vec![1.0, 1.0, 2.0, 0.5], 3);
+        s.error = Some(vec![1.0, f64::NAN, 0.0, 2.0]);
+        series_plot(&dir.join("g.png"), "x", "y", &[s], true, true, "bars").unwrap();
+        series_plot(&dir.join("h.png"), "x", "y", &[], true, true, "none").unwrap();
     }
 
     #[test]
@@ -1495,5 +1754,20 @@ mod tests {
 
         let h = histogram(&[0.1, 0.2, 0.9, 5.0], None, &(0.0..1.0), 2);
         assert_eq!(h, vec![1.0, 0.5]);
+
+        assert_eq!(joined_label("vcg", "vcg-smc"), "vcg = vcg-smc");
+        assert_eq!(joined_label("a (x)", "b (x)"), "a = b (x)");
+        assert_eq!(joined_label("a (x)", "b (y)"), "a (x) = b (y)");
+        assert_eq!(joined_label("", "b"), "b");
+        let a = Series::new("a", vec![1.0, 2.0], vec![f64::NAN, 1.0], 0);
+        let mut b = Series::new("b", vec![1.0, 2.0], vec![f64::NAN, 1.0], 1);
+        b.shift = 0.1;
+        let mut c = b.clone();
+        c.dashed = true;
+        let merged = merge_identical(&[a, b, c]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].label, "a = b");
+        assert_eq!((merged[0].color, merged[0].shift), (0, 0.0));
+        assert!(merged[1].dashed);
     }
 }

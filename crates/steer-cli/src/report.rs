@@ -4,26 +4,34 @@
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 use serde_json::{Value, json};
 use steer::metrics::{self, Weighted};
 use steer::model::GaussianMixture;
+use steer::rng::{Purpose, Streams};
 use steer::schedule::TimeGrid;
 use steer::smc::Run;
 use steer::target::{EvaluationCounts, Target};
 
 use crate::config::Config;
-use crate::plot;
+use crate::{io, plot};
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).
 pub fn progress(len: u64, label: &str) -> ProgressBar {
+    progress_in(len, label, "steps")
+}
+
+/// A progress bar on stderr counting `len` of `unit`.
+pub fn progress_in(len: u64, label: &str, unit: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} steps ({elapsed}, eta {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(&format!(
+            "{{msg}} [{{bar:40}}] {{pos}}/{{len}} {unit} ({{elapsed}}, eta {{eta}})"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_message(label.to_string());
     bar
@@ -45,6 +53,43 @@ fn counts_json(c: &EvaluationCounts) -> Value {
         "reward_value": c.reward_value,
         "reward_gradient": c.reward_gradient,
         "reward_laplacian": c.reward_laplacian,
+    })
+}
+
+/// The reference samples of `--reference`: none, `exact` (`count` draws from the target's
+/// closed form, seeded by `seed`), or a `.npy` file of the target's dimension.
+pub fn reference_samples(
+    target: &Target,
+    grid: &TimeGrid,
+    reference: Option<&str>,
+    count: usize,
+    seed: u64,
+) -> Result<Option<Array2<f64>>> {
+    Ok(match reference {
+        None => None,
+        Some("exact") => {
+            if count == 0 {
+                bail!("--reference-samples must be at least 1");
+            }
+            let law = target.exact_terminal_law(grid).ok_or_else(|| {
+                anyhow!(
+                    "--reference exact: this target has no closed form; run `steer reference` (MCMC) and pass the .npy"
+                )
+            })?;
+            let (x, _) = law.sample(count, &Streams::new(seed ^ 0x5eed), Purpose::Reference);
+            Some(x)
+        }
+        Some(path) => {
+            let x = io::read_samples(Path::new(path))?;
+            if x.ncols() != target.dim() {
+                bail!(
+                    "reference {path} has dimension {}, the target has {}",
+                    x.ncols(),
+                    target.dim()
+                );
+            }
+            Some(x)
+        }
     })
 }
 
@@ -101,10 +146,9 @@ pub fn summary(
     let integrated_variance = integrate(|s| s.potential_variance);
     let integrated_uncontrolled = integrate(|s| s.uncontrolled_variance);
     let exact = target.exact_terminal_law(grid);
-    let exact_log_z = match &exact {
-        Some(steer::exact::ExactLaw::Mixture { log_normalizer, .. }) => Some(*log_normalizer),
-        _ => None,
-    };
+    let exact_log_z = exact
+        .as_ref()
+        .map(|law| law.log_normalizer(&steer::rng::Streams::new(config.seed)));
     let mut summary = json!({
         "method": config.method,
         "output": if run.trace.iter().any(|s| s.potential_variance.is_some()) {
@@ -128,36 +172,50 @@ pub fn summary(
         "integrated_uncontrolled_variance": integrated_uncontrolled,
     });
     if let Some(y) = reference {
-        let w = run.log_weights.mapv(f64::exp);
-        let mut m = sample_metrics(run.samples.view(), Some(w.view()), y.view(), config.seed)?;
-        if let Some(modes) = mode_mixture(target, grid) {
-            let level = steer::model::NoiseLevel::data();
-            let k = modes.num_components();
-            let got =
-                metrics::mode_weights(&modes.assign(&level, run.samples.view()), Some(w.view()), k);
-            let want = metrics::mode_weights(&modes.assign(&level, y.view()), None, k);
-            m["mode_weights"] = json!(got.to_vec());
-            m["reference_mode_weights"] = json!(want.to_vec());
-            m["mode_weight_tv"] = json!(metrics::total_variation(got.view(), want.view()));
-        }
-        if target
-            .experts()
-            .iter()
-            .all(|e| e.model.provides_log_density())
-        {
-            let level = grid.level(grid.len());
-            let nll = |x: ArrayView2<f64>| -> Result<Array1<f64>> {
-                let mut l = Array1::zeros(x.nrows());
-                target.log_density(&level, 1.0, x, l.view_mut())?;
-                Ok(-l)
-            };
-            let delta = w.dot(&nll(run.samples.view())?) - nll(y.view())?.mean().unwrap_or(0.0);
-            m["delta_nll"] = json!(delta);
-        }
-        m["reference_samples"] = json!(y.nrows());
-        summary["metrics"] = m;
+        summary["metrics"] = reference_metrics(target, grid, run, y, config.seed)?;
     }
     Ok(summary)
+}
+
+/// Metrics of a run's weighted samples against reference samples `y` of the target:
+/// [`sample_metrics`] (`seed` drives the sliced Wasserstein projections), mode weights and
+/// their total variation where the target has modes, and ΔNLL where every expert has a
+/// log-density.
+pub fn reference_metrics(
+    target: &Target,
+    grid: &TimeGrid,
+    run: &Run,
+    y: &Array2<f64>,
+    seed: u64,
+) -> Result<Value> {
+    let w = run.log_weights.mapv(f64::exp);
+    let mut m = sample_metrics(run.samples.view(), Some(w.view()), y.view(), seed)?;
+    if let Some(modes) = mode_mixture(target, grid) {
+        let level = steer::model::NoiseLevel::data();
+        let k = modes.num_components();
+        let got =
+            metrics::mode_weights(&modes.assign(&level, run.samples.view()), Some(w.view()), k);
+        let want = metrics::mode_weights(&modes.assign(&level, y.view()), None, k);
+        m["mode_weights"] = json!(got.to_vec());
+        m["reference_mode_weights"] = json!(want.to_vec());
+        m["mode_weight_tv"] = json!(metrics::total_variation(got.view(), want.view()));
+    }
+    if target
+        .experts()
+        .iter()
+        .all(|e| e.model.provides_log_density())
+    {
+        let level = grid.level(grid.len());
+        let nll = |x: ArrayView2<f64>| -> Result<Array1<f64>> {
+            let mut l = Array1::zeros(x.nrows());
+            target.log_density(&level, 1.0, x, l.view_mut())?;
+            Ok(-l)
+        };
+        let delta = w.dot(&nll(run.samples.view())?) - nll(y.view())?.mean().unwrap_or(0.0);
+        m["delta_nll"] = json!(delta);
+    }
+    m["reference_samples"] = json!(y.nrows());
+    Ok(m)
 }
 
 /// A one-line digest for the terminal.

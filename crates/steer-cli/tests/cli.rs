@@ -772,3 +772,252 @@ fn reference_then_eval_end_to_end() {
     assert!(mmd.is_finite());
     assert!(metrics.get("sliced_wasserstein").is_some());
 }
+
+// ---------------------------------------------------------------------------------------
+// steer bench.
+
+impl Case {
+    /// `steer bench --config config.toml --out out` plus `extra`.
+    fn bench(&self, extra: &[&str]) -> Output {
+        Command::new(STEER)
+            .arg("bench")
+            .arg("--config")
+            .arg(self.config())
+            .arg("--out")
+            .arg(self.out())
+            .args(extra)
+            .output()
+            .expect("run steer")
+    }
+}
+
+/// Two methods × two particle counts × two seeds, exact reference. The config resamples
+/// when the ESS is low, which `vcg` must drop (it never resamples), and has a `[driftlite]`
+/// section, which `g-smc` must drop.
+const BENCH: &[&str] = &[
+    "--methods",
+    "g-smc,vcg",
+    "--particles",
+    "32,64",
+    "--seeds",
+    "2",
+    "--reference",
+    "exact",
+    "--reference-samples",
+    "500",
+];
+
+#[test]
+fn bench_writes_every_output() {
+    let case = Case::new();
+    case.edit_config(|c| {
+        c + "\n[resampling]\nwhen = \"ess\"\nthreshold = 0.9\n\n[driftlite]\nridge = 1e-6\n"
+    });
+    let out = case.bench(BENCH);
+    assert_success(&out);
+    let dir = case.out();
+    for f in [
+        "results.jsonl",
+        "table.md",
+        "summary.json",
+        "potential_variance.png",
+        "ess.png",
+        "metrics.png",
+    ] {
+        let meta = fs::metadata(dir.join(f)).unwrap_or_else(|_| panic!("{f} missing"));
+        assert!(meta.len() > 0, "{f} is empty");
+    }
+    case.assert_no_leftovers();
+
+    let text = fs::read_to_string(dir.join("results.jsonl")).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), 8, "2 methods × 2 N × 2 seeds");
+    let mut seen = Vec::new();
+    for r in &lines {
+        for key in [
+            "method",
+            "particles",
+            "seed",
+            "steps",
+            "wall_time_s",
+            "final_ess_fraction",
+            "min_ess_fraction",
+            "resampling_events",
+            "log_normalizer",
+            "integrated_potential_variance",
+            "integrated_uncontrolled_variance",
+        ] {
+            assert!(r.get(key).is_some(), "results.jsonl lacks {key}: {r}");
+        }
+        for key in [
+            "score",
+            "divergence",
+            "log_density",
+            "reward_value",
+            "reward_gradient",
+            "reward_laplacian",
+        ] {
+            assert!(r["evaluations"][key].is_u64(), "no evaluations.{key}: {r}");
+        }
+        for key in [
+            "mmd",
+            "sliced_wasserstein",
+            "energy_distance",
+            "mean_error",
+            "covariance_error",
+            "mode_weight_tv",
+        ] {
+            assert!(r["metrics"][key].is_f64(), "no metrics.{key}: {r}");
+        }
+        assert_eq!(r["metrics"]["reference_samples"], 500);
+        assert_eq!(r["steps"], 20);
+        let method = r["method"].as_str().unwrap().to_string();
+        let n = r["particles"].as_u64().unwrap();
+        let seed = r["seed"].as_u64().unwrap();
+        assert!(n == 32 || n == 64, "{r}");
+        assert!(
+            seed == 3 || seed == 4,
+            "seeds are the config's 3 and 4: {r}"
+        );
+        assert!(r["evaluations"]["score"].as_u64().unwrap() >= n * 20);
+        if method == "vcg" {
+            assert_eq!(r["resampling_events"], 0, "vcg never resamples: {r}");
+            assert!(r["integrated_uncontrolled_variance"].is_f64(), "{r}");
+        } else {
+            assert_eq!(method, "g-smc");
+            assert!(r["integrated_uncontrolled_variance"].is_null(), "{r}");
+        }
+        seen.push((method, n, seed));
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 8, "every method × N × seed once");
+
+    let table = fs::read_to_string(dir.join("table.md")).unwrap();
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        rows.len(),
+        2 + 4,
+        "header, rule and one row per method × N:\n{table}"
+    );
+    assert!(
+        rows[0].contains("MMD") && rows[0].contains("wall time"),
+        "{table}"
+    );
+    for (row, (method, n)) in
+        rows[2..]
+            .iter()
+            .zip([("g-smc", 32), ("g-smc", 64), ("vcg", 32), ("vcg", 64)])
+    {
+        assert!(
+            row.starts_with(&format!("| {method} | {n} |")),
+            "row {row:?} in\n{table}"
+        );
+        assert_eq!(row.matches('±').count(), 5, "mean ± std in {row:?}");
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        table,
+        "stdout is the table"
+    );
+
+    let summary = read_summary(&dir);
+    assert_eq!(summary["command"], "bench");
+    assert_eq!(summary["runs"], 8);
+
+    // A second bench replaces the first.
+    assert_success(&case.bench(&[
+        "--methods",
+        "pg",
+        "--particles",
+        "16",
+        "--seeds",
+        "1",
+        "--reference",
+        "exact",
+        "--reference-samples",
+        "200",
+    ]));
+    let table = fs::read_to_string(dir.join("table.md")).unwrap();
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(!table.contains('±'), "one seed has no std:\n{table}");
+    case.assert_no_leftovers();
+}
+
+#[test]
+fn bench_without_reference_has_no_metrics() {
+    let case = Case::new();
+    assert_success(&case.bench(&["--methods", "pg", "--particles", "16", "--seeds", "2"]));
+    let table = fs::read_to_string(case.out().join("table.md")).unwrap();
+    assert!(
+        table.lines().nth(2).unwrap().contains("| — | — | — |"),
+        "{table}"
+    );
+    assert!(case.out().join("ess.png").exists());
+    assert!(!case.out().join("metrics.png").exists());
+}
+
+#[test]
+fn bench_with_an_unknown_method_leaves_no_output() {
+    let case = Case::new();
+    let out = case.bench(&[
+        "--methods",
+        "g-smc,nope",
+        "--particles",
+        "16",
+        "--seeds",
+        "1",
+    ]);
+    case.assert_fails(&out, &["--methods", "nope", "is unknown"]);
+}
+
+#[test]
+fn bench_rejects_bad_lists() {
+    let case = Case::new();
+    for (args, needles) in [
+        (
+            &["--methods", "", "--particles", "16"][..],
+            &["--methods"][..],
+        ),
+        (
+            &["--methods", "pg,pg", "--particles", "16"],
+            &["--methods", "pg twice"],
+        ),
+        (
+            &["--methods", "pg", "--particles", "16,0"],
+            &["--particles", "at least 1"],
+        ),
+        (
+            &["--methods", "pg", "--particles", "16,x"],
+            &["--particles"],
+        ),
+        (
+            &["--methods", "pg", "--particles", "16", "--seeds", "0"],
+            &["--seeds"],
+        ),
+        (&["--particles", "16"], &["--methods"]),
+        (&["--methods", "pg"], &["--particles"]),
+    ] {
+        let out = case.bench(args);
+        case.assert_fails(&out, needles);
+    }
+}
+
+#[test]
+fn bench_run_failure_names_the_run_and_leaves_no_output() {
+    let case = Case::new();
+    let out = case.bench(&[
+        "--methods",
+        "g-smc",
+        "--particles",
+        "16",
+        "--seeds",
+        "1",
+        "--set",
+        "reward.strength=1e300",
+    ]);
+    case.assert_fails(&out, &["g-smc N=16 seed 3", "at step "]);
+}
