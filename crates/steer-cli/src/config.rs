@@ -8,12 +8,15 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use ndarray::Array1;
 use serde::Deserialize;
-use steer::method::{Control, DivergenceEstimator, DriftLiteConfig, Guidance, Proposal, Twist};
+use steer::method::{
+    Control, DivergenceEstimator, DriftLiteConfig, Guidance, Potential, Proposal, Twist,
+    TwistSchedule,
+};
 use steer::model::{Probe, ScoreModel};
 use steer::resample::Scheme;
 use steer::reward::{Linear, MixtureLogDensity, Quadratic, Reward};
 use steer::schedule::{GridKind, Schedule, TimeGrid};
-use steer::smc::{ParticleSchedule, ResamplePolicy, Settings};
+use steer::smc::{FunnelShape, ParticleSchedule, ResamplePolicy, Settings, funnel};
 use steer::target::{Expert, Target, TiltSchedule};
 
 use crate::io;
@@ -47,6 +50,8 @@ pub struct Config {
     pub driftlite: Option<DriftLiteSection>,
     /// URGE settings (method urge).
     pub urge: Option<UrgeSection>,
+    /// Funnel particle schedule (`particles` is then the budget per step).
+    pub funnel: Option<FunnelSection>,
 }
 
 /// `[urge]`.
@@ -55,8 +60,33 @@ pub struct Config {
 pub struct UrgeSection {
     /// Proposal drift: "base", "guided" (default), "vcg" or "ecg".
     pub proposal: Option<String>,
-    /// Twist: "none", "reward", "tweedie" (default) or "path".
+    /// Twist: "none", "reward", "tweedie" (default), "path", "fk-difference", "fk-max",
+    /// "fk-sum", "fk-immediate", "adaptive" or "naive-tempered".
     pub twist: Option<String>,
+    /// Evaluate the twist every this many steps (default 1).
+    pub every: Option<usize>,
+    /// Evaluate it only while the elapsed fraction of sampling time lies in [start, end].
+    pub window: Option<[f64; 2]>,
+    /// Conditional-ESS fraction of the adaptive temperature (default 0.5).
+    pub cess: Option<f64>,
+}
+
+/// `[funnel]`: a particle count that falls over time within the budget of `particles`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunnelSection {
+    /// "geometric" (default), "linear" or "two-phase".
+    pub shape: Option<String>,
+    /// Number of blocks (default 4).
+    pub blocks: Option<usize>,
+    /// Geometric ratio (default 0.5).
+    pub ratio: Option<f64>,
+    /// Final fraction of the linear and two-phase shapes (default 0.25).
+    pub final_fraction: Option<f64>,
+    /// Switching point of the two-phase shape, as a fraction of the steps (default 0.5).
+    pub switch: Option<f64>,
+    /// Minimum count per block (default 16, at most `particles`).
+    pub min: Option<usize>,
 }
 
 /// `[driftlite]`.
@@ -84,6 +114,8 @@ pub enum Plan {
         proposal: Proposal,
         /// Twist.
         twist: Twist,
+        /// When the twist is evaluated.
+        schedule: TwistSchedule,
     },
     /// Base sampler, PG or G-SMC.
     Guided(Guidance),
@@ -335,6 +367,60 @@ impl ScheduleConfig {
 }
 
 impl Config {
+    /// Constant `particles`, or the funnel schedule solved for the budget `particles × steps`.
+    fn particle_schedule(&self) -> Result<ParticleSchedule> {
+        let Some(f) = &self.funnel else {
+            return Ok(ParticleSchedule::Constant(self.particles));
+        };
+        let fraction = |name: &str, v: Option<f64>, default: f64| {
+            finite(&format!("funnel.{name}"), v, default)
+        };
+        let shape = match f.shape.as_deref().unwrap_or("geometric") {
+            "geometric" => {
+                unused(
+                    "funnel",
+                    "geometric",
+                    &[
+                        ("final_fraction", f.final_fraction.is_some()),
+                        ("switch", f.switch.is_some()),
+                    ],
+                )?;
+                FunnelShape::Geometric {
+                    ratio: fraction("ratio", f.ratio, 0.5)?,
+                }
+            }
+            "linear" => {
+                unused(
+                    "funnel",
+                    "linear",
+                    &[("ratio", f.ratio.is_some()), ("switch", f.switch.is_some())],
+                )?;
+                FunnelShape::Linear {
+                    final_fraction: fraction("final_fraction", f.final_fraction, 0.25)?,
+                }
+            }
+            "two-phase" => {
+                unused("funnel", "two-phase", &[("ratio", f.ratio.is_some())])?;
+                FunnelShape::TwoPhase {
+                    switch: fraction("switch", f.switch, 0.5)?,
+                    final_fraction: fraction("final_fraction", f.final_fraction, 0.25)?,
+                }
+            }
+            other => bail!(
+                "`funnel.shape` = \"{other}\" is unknown (expected geometric, linear or two-phase)"
+            ),
+        };
+        let min = f.min.unwrap_or(16).min(self.particles);
+        let (schedule, _) = funnel(
+            shape,
+            self.particles,
+            self.steps,
+            f.blocks.unwrap_or(4),
+            min,
+        )?;
+        Ok(schedule)
+    }
+
     /// The method to run, validated.
     pub fn plan(&self, target: &Target) -> Result<Plan> {
         let driftlite = |control: Control, resamples: bool| -> Result<Plan> {
@@ -441,16 +527,42 @@ impl Config {
                     "reward" => Twist::Reward,
                     "tweedie" => Twist::Tweedie,
                     "path" => Twist::PathRatio,
+                    "fk-difference" => Twist::Potential(Potential::Difference),
+                    "fk-max" => Twist::Potential(Potential::Max),
+                    "fk-sum" => Twist::Potential(Potential::Sum),
+                    "fk-immediate" => Twist::Potential(Potential::Immediate),
+                    "adaptive" => Twist::AdaptiveTemperature {
+                        cess: section.and_then(|s| s.cess).unwrap_or(0.5),
+                    },
+                    "naive-tempered" => Twist::NaiveTempered,
                     other => bail!(
-                        "`urge.twist` = \"{other}\" is unknown (expected none, reward, tweedie or path)"
+                        "`urge.twist` = \"{other}\" is unknown (expected none, reward, tweedie, path, fk-difference, fk-max, fk-sum, fk-immediate, adaptive or naive-tempered)"
                     ),
                 };
+                if let Twist::AdaptiveTemperature { cess } = twist
+                    && !(cess > 0.0 && cess <= 1.0)
+                {
+                    bail!("`urge.cess` must lie in (0, 1], got {cess}");
+                }
+                if section.is_some_and(|s| s.cess.is_some())
+                    && !matches!(twist, Twist::AdaptiveTemperature { .. })
+                {
+                    bail!("`urge.cess` applies only to twist = \"adaptive\"");
+                }
                 if self.driftlite.is_some() && !matches!(proposal, Proposal::Controlled(_)) {
                     bail!(
                         "the [driftlite] section applies to URGE only with proposal = \"vcg\" or \"ecg\""
                     );
                 }
-                Plan::Urge { proposal, twist }
+                let schedule = TwistSchedule {
+                    every: section.and_then(|s| s.every).unwrap_or(1),
+                    window: section.and_then(|s| s.window).map(|[a, b]| (a, b)),
+                };
+                Plan::Urge {
+                    proposal,
+                    twist,
+                    schedule,
+                }
             }
             other => bail!(
                 "`method` = \"{other}\" is unknown (expected base, pg, g-smc, vcg, vcg-smc, ecg, ecg-smc or urge)"
@@ -575,7 +687,7 @@ impl Config {
             }
         };
         let settings = Settings {
-            particles: ParticleSchedule::Constant(self.particles),
+            particles: self.particle_schedule()?,
             policy,
             scheme,
             final_resample: r.final_resample.unwrap_or(false),

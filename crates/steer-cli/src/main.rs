@@ -204,8 +204,12 @@ fn execute(
                 m.weighted(),
             )
         }
-        config::Plan::Urge { proposal, twist } => {
-            let mut m = Urge::new(target, proposal, twist)?;
+        config::Plan::Urge {
+            proposal,
+            twist,
+            schedule,
+        } => {
+            let mut m = Urge::new(target, proposal, twist)?.with_twist_schedule(schedule)?;
             (smc::run(&mut m, target, grid, settings, observe)?, true)
         }
         config::Plan::DriftLite { config, passes, .. } => {

@@ -152,7 +152,7 @@ pub fn summary(
     let mut summary = json!({
         "method": config.method,
         "output": if run.trace.iter().any(|s| s.potential_variance.is_some()) {
-            "sampling: weighted particles targeting q_T (use log_weights.npy)"
+            "sampling: weighted particles targeting q_T (use log_weights.npy); search: the best particle is in `search`"
         } else {
             "sampling: unweighted particles"
         },
@@ -171,10 +171,45 @@ pub fn summary(
         "integrated_potential_variance": integrated_variance,
         "integrated_uncontrolled_variance": integrated_uncontrolled,
     });
+    if let (Some(first), Some(last)) = (run.trace.first(), run.trace.last())
+        && first.num_particles != last.num_particles
+    {
+        summary["particle_schedule"] = json!({
+            "first": first.num_particles,
+            "last": last.num_particles,
+            "planned_score_evaluations": run.trace.iter().map(|s| s.num_particles as u64).sum::<u64>()
+                * target.experts().len() as u64,
+        });
+    }
+    if target.reward().is_some() {
+        summary["search"] = search(target, run)?;
+    }
     if let Some(y) = reference {
         summary["metrics"] = reference_metrics(target, grid, run, y, config.seed)?;
     }
     Ok(summary)
+}
+
+/// The search view of a run (MATH.md §8.3): the particle of highest reward, whatever its
+/// weight. It is *not* a sample of the target; `samples.npy` with `log_weights.npy` is.
+fn search(target: &Target, run: &Run) -> Result<Value> {
+    let n = run.samples.nrows();
+    let mut r = Array1::zeros(n);
+    target.reward_eval(
+        run.samples.view(),
+        steer::reward::RewardOutput {
+            value: Some(r.view_mut()),
+            ..Default::default()
+        },
+    )?;
+    let best = (0..n).fold(0, |b, i| if r[i] > r[b] { i } else { b });
+    let w = run.log_weights.mapv(f64::exp);
+    Ok(json!({
+        "best_reward": r[best],
+        "best_index": best,
+        "best_sample": run.samples.row(best).to_vec(),
+        "mean_reward": w.dot(&r),
+    }))
 }
 
 /// Metrics of a run's weighted samples against reference samples `y` of the target:
