@@ -98,7 +98,7 @@ pub fn run(args: &Args) -> Result<()> {
             c.settings()
                 .with_context(|| format!("{method} with N = {n} on {}", at()))?;
         }
-        configs.push(c);
+        configs.push((method.clone(), c));
     }
     let reference = report::reference_samples(
         &target,
@@ -112,7 +112,9 @@ pub fn run(args: &Args) -> Result<()> {
     let runs = configs.len() * particles.len() * args.seeds;
     let work: usize = configs
         .iter()
-        .map(|c| passes(c, &target) * grid.len() * particles.iter().sum::<usize>() * args.seeds)
+        .map(|(_, c)| {
+            passes(c, &target) * grid.len() * particles.iter().sum::<usize>() * args.seeds
+        })
         .sum();
     let bar = report::progress_in(work as u64, "bench", "particle-steps");
     let results_path = staging.path("results.jsonl");
@@ -124,18 +126,18 @@ pub fn run(args: &Args) -> Result<()> {
     let mut cells = Vec::new();
     let mut curves = Vec::new();
     let mut done = 0;
-    for c in &mut configs {
+    for (entry, c) in &mut configs {
         let mut kept = None;
         for &n in &particles {
             let mut cell = Cell {
-                method: c.method.clone(),
+                method: entry.clone(),
                 particles: n,
                 summaries: Vec::new(),
             };
             for s in 0..args.seeds {
                 c.particles = n;
                 c.seed = base.seed.wrapping_add(s as u64);
-                let label = format!("{} N={n} seed {}", c.method, c.seed);
+                let label = format!("{entry} N={n} seed {}", c.seed);
                 done += 1;
                 bar.set_message(format!("[{done}/{runs}] {label}"));
                 let settings = c.settings()?;
@@ -143,8 +145,9 @@ pub fn run(args: &Args) -> Result<()> {
                 let (run, _) =
                     crate::execute(plan, &target, &grid, &settings, &mut |_| bar.inc(n as u64))
                         .with_context(|| label.clone())?;
-                let summary = report::summary(c, &target, &grid, &run, reference.as_ref())
+                let mut summary = report::summary(c, &target, &grid, &run, reference.as_ref())
                     .with_context(|| label.clone())?;
+                summary["entry"] = serde_json::json!(entry);
                 writeln!(results, "{}", serde_json::to_string(&summary)?)?;
                 bar.suspend(|| {
                     eprintln!(
@@ -160,10 +163,7 @@ pub fn run(args: &Args) -> Result<()> {
             }
             cells.push(cell);
         }
-        curves.push((
-            c.method.clone(),
-            kept.expect("the largest N ran with seed 0"),
-        ));
+        curves.push((entry.clone(), kept.expect("the largest N ran with seed 0")));
     }
     bar.finish_and_clear();
     results.flush()?;
@@ -299,8 +299,8 @@ fn passes(c: &Config, target: &Target) -> usize {
 /// `table.md`: one row per method and N, mean ± std over seeds.
 fn table(cells: &[Cell]) -> String {
     let mut s = String::from(
-        "| method | N | MMD | SWD | mode TV | final ESS/N | wall time (s) | score evals/run |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| method | N | MMD | SWD | mode TV | final ESS/N | wall time (s) | score evals/run | divergence evals/run | reward ∇ + Δ evals/run |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for c in cells {
         let stat = |path: &[&str]| match c.values(path) {
@@ -310,12 +310,21 @@ fn table(cells: &[Cell]) -> String {
             }
             None => "—".to_string(),
         };
-        let score = match c.values(&["evaluations", "score"]) {
+        let count = |path: &[&str]| match c.values(path) {
             Some(v) => format!("{:.0}", mean_std(&v).0),
             None => "—".to_string(),
         };
+        let score = count(&["evaluations", "score"]);
+        let divergence = count(&["evaluations", "divergence"]);
+        let reward_derivatives = match (
+            c.values(&["evaluations", "reward_gradient"]),
+            c.values(&["evaluations", "reward_laplacian"]),
+        ) {
+            (Some(g), Some(l)) => format!("{:.0}", mean_std(&g).0 + mean_std(&l).0),
+            _ => "—".to_string(),
+        };
         s += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             c.method,
             c.particles,
             stat(&["metrics", "mmd"]),
@@ -324,6 +333,8 @@ fn table(cells: &[Cell]) -> String {
             stat(&["final_ess_fraction"]),
             stat(&["wall_time_s"]),
             score,
+            divergence,
+            reward_derivatives,
         );
     }
     s
