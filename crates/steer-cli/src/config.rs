@@ -198,6 +198,10 @@ pub struct RewardConfig {
     pub schedule: Option<String>,
     /// Exponent p of the "power" schedule β = s^p.
     pub power: Option<f64>,
+    /// β before the switch of the "step" schedule (default 0).
+    pub beta_min: Option<f64>,
+    /// Switching point of the "step" schedule, as a fraction of sampling time (default 0.4).
+    pub switch: Option<f64>,
 }
 
 /// `[resampling]`.
@@ -761,19 +765,29 @@ impl RewardConfig {
                 "`reward.kind` = \"{other}\" is unknown (expected linear, quadratic or mixture)"
             ),
         };
-        let tilt =
-            match r.schedule.as_deref().unwrap_or("linear") {
-                "linear" => TiltSchedule::Linear,
-                "power" => TiltSchedule::Power(r.power.ok_or_else(|| {
+        let tilt = match r.schedule.as_deref().unwrap_or("linear") {
+            "linear" => TiltSchedule::Linear,
+            "power" => {
+                TiltSchedule::Power(r.power.ok_or_else(|| {
                     anyhow!("`reward.power` is required with schedule = \"power\"")
-                })?),
-                "signal" => TiltSchedule::Signal,
-                other => bail!(
-                    "`reward.schedule` = \"{other}\" is unknown (expected linear, power or signal)"
-                ),
-            };
+                })?)
+            }
+            "signal" => TiltSchedule::Signal,
+            "step" => TiltSchedule::Step {
+                beta_min: finite("reward.beta_min", r.beta_min, 0.0)?,
+                switch: finite("reward.switch", r.switch, 0.4)?,
+            },
+            other => bail!(
+                "`reward.schedule` = \"{other}\" is unknown (expected linear, power, signal or step)"
+            ),
+        };
         if r.power.is_some() && !matches!(tilt, TiltSchedule::Power(_)) {
             bail!("`reward.power` applies only to schedule = \"power\"");
+        }
+        if (r.beta_min.is_some() || r.switch.is_some())
+            && !matches!(tilt, TiltSchedule::Step { .. })
+        {
+            bail!("`reward.beta_min` and `reward.switch` apply only to schedule = \"step\"");
         }
         Ok((reward, tilt))
     }

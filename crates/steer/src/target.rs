@@ -35,6 +35,14 @@ pub enum TiltSchedule {
     Power(f64),
     /// The VP signal fraction `α(τ)²`, rescaled to run from 0 to 1 over the grid.
     Signal,
+    /// A step (MATH.md §8.5): `β = β_min` until the elapsed fraction `s` reaches `switch`,
+    /// then 1 (and 0 at the very first grid point, as every schedule).
+    Step {
+        /// `β_min ∈ [0, 1]`.
+        beta_min: f64,
+        /// Switching point `s_c ∈ (0, 1)`.
+        switch: f64,
+    },
 }
 
 impl TiltSchedule {
@@ -49,6 +57,16 @@ impl TiltSchedule {
                 let a2 = |j: usize| grid.level(j).alpha.powi(2);
                 frac(a2(k), a2(0), a2(m))
             }
+            TiltSchedule::Step { beta_min, switch } => {
+                let s = frac(grid.time(k), grid.time(0), grid.time(m));
+                if k == 0 {
+                    0.0
+                } else if s < switch {
+                    beta_min
+                } else {
+                    1.0
+                }
+            }
         }
     }
 
@@ -59,6 +77,16 @@ impl TiltSchedule {
                 "reward.schedule",
                 format!("power must be > 0, got {p}"),
             )),
+            TiltSchedule::Step { beta_min, switch }
+                if !((0.0..=1.0).contains(&beta_min) && switch > 0.0 && switch < 1.0) =>
+            {
+                Err(Error::invalid(
+                    "reward.schedule",
+                    format!(
+                        "the step schedule needs 0 ≤ beta_min ≤ 1 and 0 < switch < 1, got {beta_min} and {switch}"
+                    ),
+                ))
+            }
             TiltSchedule::Signal if grid.schedule().is_variance_exploding() => Err(Error::invalid(
                 "reward.schedule",
                 "the signal schedule needs a VP schedule (α ≡ 1 under VE)",

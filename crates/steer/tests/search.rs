@@ -214,3 +214,40 @@ fn funnel_schedules_keep_the_budget_and_the_target() {
     assert!(funnel(FunnelShape::Geometric { ratio: 1.5 }, 1000, 400, 4, 50).is_err());
     assert!(funnel(FunnelShape::Geometric { ratio: 0.5 }, 1000, 400, 0, 50).is_err());
 }
+
+/// The step temperature schedule (β = 0.2 until 40 % of the run, then 1) with the telescoped
+/// Tweedie twist also targets e^{r} exactly.
+#[test]
+fn step_tempering_is_exact() {
+    let g = grid(vp(), 400, 1.0);
+    let t = tilted(TiltSchedule::Step {
+        beta_min: 0.2,
+        switch: 0.4,
+    });
+    t.tilt().validate(&g).unwrap();
+    assert_eq!(t.tilt().beta(&g, 0), 0.0);
+    assert_eq!(t.tilt().beta(&g, 100), 0.2);
+    assert_eq!(t.tilt().beta(&g, 300), 1.0);
+    let exact = exact_positive(&t, &g);
+    let ess = ResamplePolicy::Ess { threshold: 0.5 };
+    let values: Vec<f64> = (0..6)
+        .map(|s| {
+            positive(&run_twist(
+                &t,
+                &g,
+                Twist::Tweedie,
+                10,
+                settings(2000, 80 + s, ess),
+            ))
+        })
+        .collect();
+    assert_exact("step schedule", &values, exact);
+    assert!(
+        TiltSchedule::Step {
+            beta_min: 0.2,
+            switch: 1.5
+        }
+        .validate(&g)
+        .is_err()
+    );
+}
