@@ -187,7 +187,10 @@ pub fn run(args: &Args) -> Result<()> {
             &format!("effective sample size — {which}"),
         )?;
         if reference.is_some() {
-            mmd_plot(&staging.path("metrics.png"), &cells, args.seeds)?;
+            stat_plot(&staging.path("metrics.png"), &cells, args.seeds, &["metrics", "mmd"], "MMD to the reference", true)?;
+        }
+        if target.reward().is_some() {
+            stat_plot(&staging.path("reward.png"), &cells, args.seeds, &["search", "best_reward"], "best reward found", false)?;
         }
     }
     let info = json!({
@@ -299,8 +302,8 @@ fn passes(c: &Config, target: &Target) -> usize {
 /// `table.md`: one row per method and N, mean ± std over seeds.
 fn table(cells: &[Cell]) -> String {
     let mut s = String::from(
-        "| method | N | MMD | SWD | mode TV | final ESS/N | wall time (s) | score evals/run | divergence evals/run | reward ∇ + Δ evals/run |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| method | N | MMD | SWD | mode TV | best reward | final ESS/N | wall time (s) | score evals/run | divergence evals/run | reward ∇ + Δ evals/run |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for c in cells {
         let stat = |path: &[&str]| match c.values(path) {
@@ -324,12 +327,13 @@ fn table(cells: &[Cell]) -> String {
             _ => "—".to_string(),
         };
         s += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             c.method,
             c.particles,
             stat(&["metrics", "mmd"]),
             stat(&["metrics", "sliced_wasserstein"]),
             stat(&["metrics", "mode_weight_tv"]),
+            stat(&["search", "best_reward"]),
             stat(&["final_ess_fraction"]),
             stat(&["wall_time_s"]),
             score,
@@ -415,14 +419,13 @@ fn variance_plot(path: &Path, curves: &[(String, Curves)], which: &str) -> Resul
     )
 }
 
-/// `metrics.png`: MMD against N per method, error bars one std over seeds.
-fn mmd_plot(path: &Path, cells: &[Cell], seeds: usize) -> Result<()> {
+/// A plot of one per-run statistic (at `field` in each summary) against N per method,
+/// error bars one std over seeds: `metrics.png` (MMD, log scale) and `reward.png` (best
+/// reward found, the search view).
+fn stat_plot(path: &Path, cells: &[Cell], seeds: usize, field: &[&str], name: &str, log_y: bool) -> Result<()> {
     let mut series: Vec<Series> = Vec::new();
     for c in cells {
-        let (mean, std) = c
-            .values(&["metrics", "mmd"])
-            .map(|v| mean_std(&v))
-            .unwrap_or((f64::NAN, None));
+        let (mean, std) = c.values(field).map(|v| mean_std(&v)).unwrap_or((f64::NAN, None));
         let k = match series.iter().position(|s| s.label == c.method) {
             Some(k) => k,
             None => {
@@ -445,11 +448,11 @@ fn mmd_plot(path: &Path, cells: &[Cell], seeds: usize) -> Result<()> {
         s.shift = 0.01 * (k as f64 - mid);
     }
     let title = if seeds > 1 {
-        format!("MMD to the reference (mean ± std over {seeds} seeds)")
+        format!("{name} (mean ± std over {seeds} seeds)")
     } else {
-        "MMD to the reference (1 seed)".to_string()
+        format!("{name} (1 seed)")
     };
-    plot::series_plot(path, "particles N", "MMD", &series, true, true, &title)
+    plot::series_plot(path, "particles N (budget: N score evaluations per step)", name, &series, true, log_y, &title)
 }
 
 #[cfg(test)]
