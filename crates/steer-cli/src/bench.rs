@@ -187,10 +187,24 @@ pub fn run(args: &Args) -> Result<()> {
             &format!("effective sample size — {which}"),
         )?;
         if reference.is_some() {
-            stat_plot(&staging.path("metrics.png"), &cells, args.seeds, &["metrics", "mmd"], "MMD to the reference", true)?;
+            stat_plot(
+                &staging.path("metrics.png"),
+                &cells,
+                args.seeds,
+                &["metrics", "mmd"],
+                "MMD to the reference",
+                true,
+            )?;
         }
         if target.reward().is_some() {
-            stat_plot(&staging.path("reward.png"), &cells, args.seeds, &["search", "best_reward"], "best reward found", false)?;
+            stat_plot(
+                &staging.path("reward.png"),
+                &cells,
+                args.seeds,
+                &["search", "best_reward"],
+                "best reward found",
+                false,
+            )?;
         }
     }
     let info = json!({
@@ -422,10 +436,20 @@ fn variance_plot(path: &Path, curves: &[(String, Curves)], which: &str) -> Resul
 /// A plot of one per-run statistic (at `field` in each summary) against N per method,
 /// error bars one std over seeds: `metrics.png` (MMD, log scale) and `reward.png` (best
 /// reward found, the search view).
-fn stat_plot(path: &Path, cells: &[Cell], seeds: usize, field: &[&str], name: &str, log_y: bool) -> Result<()> {
+fn stat_plot(
+    path: &Path,
+    cells: &[Cell],
+    seeds: usize,
+    field: &[&str],
+    name: &str,
+    log_y: bool,
+) -> Result<()> {
     let mut series: Vec<Series> = Vec::new();
     for c in cells {
-        let (mean, std) = c.values(field).map(|v| mean_std(&v)).unwrap_or((f64::NAN, None));
+        let (mean, std) = c
+            .values(field)
+            .map(|v| mean_std(&v))
+            .unwrap_or((f64::NAN, None));
         let k = match series.iter().position(|s| s.label == c.method) {
             Some(k) => k,
             None => {
@@ -452,7 +476,15 @@ fn stat_plot(path: &Path, cells: &[Cell], seeds: usize, field: &[&str], name: &s
     } else {
         format!("{name} (1 seed)")
     };
-    plot::series_plot(path, "particles N (budget: N score evaluations per step)", name, &series, true, log_y, &title)
+    plot::series_plot(
+        path,
+        "particles N (budget: N score evaluations per step)",
+        name,
+        &series,
+        true,
+        log_y,
+        &title,
+    )
 }
 
 #[cfg(test)]

@@ -904,7 +904,7 @@ fn bench_writes_every_output() {
         "header, rule and one row per method × N:\n{table}"
     );
     assert!(
-        rows[0].contains("MMD") && rows[0].contains("wall time"),
+        rows[0].contains("MMD") && rows[0].contains("best reward") && rows[0].contains("wall time"),
         "{table}"
     );
     for (row, (method, n)) in
@@ -916,7 +916,8 @@ fn bench_writes_every_output() {
             row.starts_with(&format!("| {method} | {n} |")),
             "row {row:?} in\n{table}"
         );
-        assert_eq!(row.matches('±').count(), 5, "mean ± std in {row:?}");
+        // MMD, SWD, mode TV, best reward, final ESS, wall time.
+        assert_eq!(row.matches('±').count(), 6, "mean ± std in {row:?}");
     }
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
