@@ -218,6 +218,8 @@ pub struct ResamplingConfig {
     pub period: Option<usize>,
     /// Resample once after the last step (unweighted output; default false).
     pub final_resample: Option<bool>,
+    /// Resample only while the elapsed fraction of sampling time lies in [start, end].
+    pub window: Option<[f64; 2]>,
 }
 
 /// `[output]`.
@@ -695,6 +697,7 @@ impl Config {
             policy,
             scheme,
             final_resample: r.final_resample.unwrap_or(false),
+            window: r.window.map(|[a, b]| (a, b)),
             seed: self.seed,
         };
         settings.validate(self.steps)?;

@@ -122,6 +122,7 @@ fn settings(n: usize) -> Settings {
         policy: ResamplePolicy::Ess { threshold: 0.5 },
         scheme: Scheme::Systematic,
         final_resample: false,
+        window: None,
         seed: 1,
     }
 }

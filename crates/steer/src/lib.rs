@@ -45,6 +45,7 @@
 //!     policy: ResamplePolicy::Ess { threshold: 0.5 },
 //!     scheme: steer::resample::Scheme::Systematic,
 //!     final_resample: false,
+//!     window: None,
 //!     seed: 7,
 //! };
 //! let mut gsmc = GuidedSampler::new(&target, Guidance::Corrected);

@@ -190,6 +190,10 @@ pub struct Settings {
     pub scheme: Scheme,
     /// Resample once more after the last step, for an unweighted output.
     pub final_resample: bool,
+    /// Let the policy resample only while the elapsed fraction of sampling time
+    /// `s = (t − t_0)/(t_M − t_0)` after the step lies in `[start, end]` (FK steering's
+    /// resampling window); `None` for the whole run. Particle-count changes always resample.
+    pub window: Option<(f64, f64)>,
     /// Seed of every random stream of the run.
     pub seed: u64,
 }
@@ -217,6 +221,14 @@ impl Settings {
                 }
             }
             _ => {}
+        }
+        if let Some((a, b)) = self.window
+            && !((0.0..=1.0).contains(&a) && (0.0..=1.0).contains(&b) && a <= b)
+        {
+            return Err(Error::invalid(
+                "resampling.window",
+                format!("must satisfy 0 ≤ start ≤ end ≤ 1, got [{a}, {b}]"),
+            ));
         }
         match self.policy {
             ResamplePolicy::Ess { threshold } if !(threshold > 0.0 && threshold <= 1.0) => {
@@ -332,7 +344,12 @@ pub fn run(
         let n = population.len();
         let ess_fraction = weights.ess() / n as f64;
         let next = settings.particles.count(k + 1);
+        let elapsed = (step.t.1 - grid.time(0)) / (grid.time(m) - grid.time(0));
+        let in_window = settings
+            .window
+            .is_none_or(|(a, b)| (a..=b).contains(&elapsed));
         let fires = method.weighted()
+            && in_window
             && match settings.policy {
                 ResamplePolicy::Never => false,
                 ResamplePolicy::Ess { threshold } => ess_fraction < threshold,

@@ -37,6 +37,7 @@ fn settings(policy: ResamplePolicy) -> Settings {
         policy,
         scheme: Scheme::Systematic,
         final_resample: false,
+        window: None,
         seed: 11,
     }
 }

@@ -251,3 +251,39 @@ fn step_tempering_is_exact() {
         .is_err()
     );
 }
+
+/// A resampling window: with resampling after every step but only inside [0.5, 0.75] of the
+/// run, resampling happens exactly on the steps whose end lies in the window, and the FK
+/// difference potential still targets e^{r} (z = 4, as above).
+#[test]
+fn resampling_window_restricts_resampling() {
+    let t = tilted(TiltSchedule::Linear);
+    let g = grid(vp(), 400, 1.0);
+    let exact = exact_positive(&t, &g);
+    let (t0, t_end) = (g.time(0), g.time(400));
+    let values: Vec<f64> = (0..6)
+        .map(|s| {
+            let settings = Settings {
+                window: Some((0.5, 0.75)),
+                ..settings(2000, 90 + s, ResamplePolicy::Every { period: 1 })
+            };
+            let run = run_twist(&t, &g, Twist::Potential(Potential::Difference), 1, settings);
+            for info in &run.trace[..399] {
+                let elapsed = (info.t - t0) / (t_end - t0);
+                assert_eq!(
+                    info.resampled,
+                    (0.5..=0.75).contains(&elapsed),
+                    "step {}",
+                    info.step
+                );
+            }
+            positive(&run)
+        })
+        .collect();
+    assert_exact("windowed FK difference", &values, exact);
+    let bad = Settings {
+        window: Some((0.8, 0.2)),
+        ..settings(10, 0, ResamplePolicy::Never)
+    };
+    assert!(bad.validate(10).is_err());
+}

@@ -72,6 +72,7 @@ pub fn settings(n: usize, seed: u64, policy: ResamplePolicy) -> Settings {
         policy,
         scheme: Scheme::Systematic,
         final_resample: false,
+        window: None,
         seed,
     }
 }
