@@ -33,9 +33,10 @@ enum Command {
         /// Run configuration (TOML; fields in docs/config.md).
         #[arg(long)]
         config: PathBuf,
-        /// Output folder (written atomically; replaces a previous steer output).
-        #[arg(long, default_value = "out")]
-        out: PathBuf,
+        /// Output folder (written atomically; replaces a previous steer output); default
+        /// `out/<config file name without extension>`.
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// Override a config field, e.g. `--set particles=1024 --set reward.strength=0.3`.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -129,7 +130,10 @@ fn main() -> ExitCode {
             set,
             reference,
             reference_samples,
-        } => sample(&config, &out, &set, reference.as_deref(), reference_samples),
+        } => {
+            let out = out.unwrap_or_else(|| default_out(&config));
+            sample(&config, &out, &set, reference.as_deref(), reference_samples)
+        }
         Command::Reference {
             config,
             out,
@@ -186,6 +190,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `out/<config stem>`: one folder per config, so that runs of different configs (and the
+/// folders of `steer bench`) never collide.
+fn default_out(config: &Path) -> PathBuf {
+    let stem = config
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into());
+    Path::new("out").join(stem)
 }
 
 /// Runs the planned method; returns the run and whether its output is weighted.

@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use ndarray::{Array1, Array2};
+use ndarray::{Array1, Array2, ArrayBase, Data, Dimension};
 
 use crate::error::{Error, Result};
 use crate::method::{Method, StepContext};
@@ -428,13 +428,23 @@ fn resample(
     *weights = LogWeights::uniform(m);
 }
 
-/// Errors with the step and first particle when any entry of `x` is NaN or infinite.
-pub fn check_finite(x: &Array2<f64>, step: usize, what: &'static str) -> Result<()> {
+/// Errors with the step and first particle when any entry of `x` (one row per particle, or
+/// one entry per particle) is NaN or infinite.
+pub fn check_finite<S, D>(x: &ArrayBase<S, D>, step: usize, what: &'static str) -> Result<()>
+where
+    S: Data<Elem = f64>,
+    D: Dimension,
+{
+    let width = if x.ndim() > 1 {
+        x.len() / x.shape()[0].max(1)
+    } else {
+        1
+    };
     match x.iter().position(|v| !v.is_finite()) {
         Some(pos) => Err(Error::NonFinite {
             step,
             what,
-            particle: pos / x.ncols().max(1),
+            particle: pos / width.max(1),
         }),
         None => Ok(()),
     }

@@ -269,6 +269,27 @@ impl Target {
         self.experts[e].model.evaluate(level, x, out)
     }
 
+    /// The scores of the first `scores.len()` experts at `level` into `scores`, counted; a
+    /// non-finite score is [`Error::NonFinite`] at `step`.
+    pub fn expert_scores(
+        &self,
+        level: &NoiseLevel,
+        x: ArrayView2<f64>,
+        scores: &mut [Array2<f64>],
+        step: usize,
+    ) -> Result<()> {
+        for (e, score) in scores.iter_mut().enumerate() {
+            let out = ScoreOutput {
+                score: score.view_mut(),
+                log_density: None,
+                divergence: None,
+            };
+            self.expert_score(e, level, x, out)?;
+            crate::smc::check_finite(score, step, "score")?;
+        }
+        Ok(())
+    }
+
     /// The reward's requested quantities, counted; an error when the target has no reward.
     pub fn reward_eval(&self, x: ArrayView2<f64>, out: RewardOutput<'_>) -> Result<()> {
         let r = self

@@ -127,7 +127,9 @@ impl LogWeights {
     }
 }
 
-fn check_log_weights(v: ArrayView1<f64>, step: usize, what: &'static str) -> Result<()> {
+/// Errors when a log-weight (or a quantity added to one) is NaN or `+∞`; `−∞` is a valid
+/// zero weight.
+pub(crate) fn check_log_weights(v: ArrayView1<f64>, step: usize, what: &'static str) -> Result<()> {
     match v.iter().position(|x| x.is_nan() || *x == f64::INFINITY) {
         Some(particle) => Err(Error::NonFinite {
             step,

@@ -13,7 +13,6 @@ use rand_distr::{Distribution, StandardNormal};
 use super::{Method, StepContext, StepStats};
 use crate::error::Result;
 use crate::linalg::{axpy, dot};
-use crate::model::{NoiseLevel, ScoreOutput};
 use crate::population::Population;
 use crate::reward::RewardOutput;
 use crate::rng::Purpose;
@@ -116,24 +115,8 @@ impl Method for GuidedSampler<'_> {
         };
         self.buffers.fit(experts, n, d);
         let b = &mut self.buffers;
-        let level = NoiseLevel {
-            tau: step.tau.0,
-            alpha: step.alpha,
-            sigma: step.sigma,
-        };
-        for e in 0..experts {
-            target.expert_score(
-                e,
-                &level,
-                population.x.view(),
-                ScoreOutput {
-                    score: b.scores[e].view_mut(),
-                    log_density: None,
-                    divergence: None,
-                },
-            )?;
-            check_finite(&b.scores[e], k, "score")?;
-        }
+        let level = step.level();
+        target.expert_scores(&level, population.x.view(), &mut b.scores[..experts], k)?;
 
         let (beta, beta_next) = ctx.beta;
         let weighted = self.guidance == Guidance::Corrected;

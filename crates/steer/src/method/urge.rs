@@ -28,7 +28,7 @@ use crate::rng::{Purpose, Streams};
 use crate::schedule::TimeGrid;
 use crate::smc::check_finite;
 use crate::target::{Initial, Target};
-use crate::weights::LogWeights;
+use crate::weights::{LogWeights, check_log_weights};
 
 /// The proposal drift of URGE.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -436,19 +436,7 @@ impl Method for Urge<'_> {
             theta = controller.proposal_shift(ctx, &population.x, weights, &mut b.shift)?;
             b.scores[0].assign(controller.score(0));
         } else {
-            for e in 0..experts {
-                target.expert_score(
-                    e,
-                    &level,
-                    population.x.view(),
-                    ScoreOutput {
-                        score: b.scores[e].view_mut(),
-                        log_density: None,
-                        divergence: None,
-                    },
-                )?;
-                check_finite(&b.scores[e], k, "score")?;
-            }
+            target.expert_scores(&level, population.x.view(), &mut b.scores[..experts], k)?;
             reward_gradient = guided && beta != 0.0 && target.reward().is_some();
             if reward_gradient {
                 target.reward_eval(
@@ -490,7 +478,7 @@ impl Method for Urge<'_> {
                     let denoised = self.denoised(&population.x, step);
                     let mut look_ahead = Array1::zeros(n);
                     self.log_ratio(&level, 1.0, &denoised, &mut look_ahead, false)?;
-                    check_finite_vec(&look_ahead, k, "look-ahead reward")?;
+                    check_log_weights(look_ahead.view(), k, "look-ahead reward")?;
                     self.potential_twist(
                         &look_ahead,
                         beta,
@@ -502,7 +490,7 @@ impl Method for Urge<'_> {
                     self.remember(&look_ahead, &mut population.carry);
                 }
             }
-            check_finite_vec(&twist, k, "twist")?;
+            check_log_weights(twist.view(), k, "twist")?;
             Zip::from(&mut increments)
                 .and(&twist)
                 .and(population.carry.column(CARRY_PSI))
@@ -566,7 +554,7 @@ impl Method for Urge<'_> {
         if k + 1 == self.steps {
             let mut last = Array1::zeros(n);
             self.terminal_twist(&population.x, &mut last)?;
-            check_finite_vec(&last, k, "terminal twist")?;
+            check_log_weights(last.view(), k, "terminal twist")?;
             if self.twist == Twist::NaiveTempered {
                 // The naive form's last potential β_J (r(x_M) − r̂_{J−1}) with β_J = 1: no
                 // correction, so the product does not telescope to r(x_M).
@@ -581,16 +569,5 @@ impl Method for Urge<'_> {
             population.carry.column_mut(CARRY_PSI).assign(&last);
         }
         Ok(stats)
-    }
-}
-
-fn check_finite_vec(v: &Array1<f64>, step: usize, what: &'static str) -> Result<()> {
-    match v.iter().position(|x| x.is_nan() || *x == f64::INFINITY) {
-        Some(particle) => Err(Error::NonFinite {
-            step,
-            what,
-            particle,
-        }),
-        None => Ok(()),
     }
 }
