@@ -271,7 +271,15 @@ fn sample(
     let (run, weighted) = execute(plan, &target, &grid, &settings, &mut |_| bar.inc(1))?;
     bar.finish_and_clear();
 
-    let summary = report::summary(&config, &target, &grid, &run, reference.as_ref())?;
+    let exact_log_z = report::exact_log_normalizer(&target, &grid, config.seed);
+    let summary = report::summary(
+        &config,
+        &target,
+        &grid,
+        &run,
+        reference.as_ref(),
+        exact_log_z,
+    )?;
     io::write_npy(&staging.path("samples.npy"), &run.samples)?;
     io::write_npy(&staging.path("log_weights.npy"), &run.log_weights)?;
     report::write_trace(&staging.path("trace.csv"), &run)?;
