@@ -84,9 +84,7 @@ pub fn run(args: &Args) -> Result<()> {
     particles.sort_unstable();
     let path = args.config;
     let at = || path.display().to_string();
-    let base = config::load(path, args.set)?;
-    let grid = base.schedule.build(base.steps).with_context(at)?;
-    let target = base.target(path, &grid).with_context(at)?;
+    let (base, grid, target) = config::load_problem(path, args.set)?;
 
     // One config per method, checked for every particle count before anything runs.
     let mut configs = Vec::new();

@@ -246,6 +246,15 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
     Ok(config)
 }
 
+/// Loads a config and builds its time grid and target; errors name the config file.
+pub fn load_problem(path: &Path, overrides: &[String]) -> Result<(Config, TimeGrid, Target)> {
+    let config = load(path, overrides)?;
+    let at = || path.display().to_string();
+    let grid = config.schedule.build(config.steps).with_context(at)?;
+    let target = config.target(path, &grid).with_context(at)?;
+    Ok((config, grid, target))
+}
+
 /// `section.key=value`; the value is parsed as TOML (number, bool, array, inline table),
 /// falling back to a string.
 fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {

@@ -242,14 +242,7 @@ fn sample(
     reference: Option<&str>,
     reference_samples: usize,
 ) -> Result<()> {
-    let config = config::load(config_path, set)?;
-    let grid = config
-        .schedule
-        .build(config.steps)
-        .with_context(|| format!("{}", config_path.display()))?;
-    let target = config
-        .target(config_path, &grid)
-        .with_context(|| format!("{}", config_path.display()))?;
+    let (config, grid, target) = config::load_problem(config_path, set)?;
     let settings = config
         .settings()
         .with_context(|| format!("{}", config_path.display()))?;

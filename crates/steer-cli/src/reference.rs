@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use ndarray::{Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 use rand_chacha::ChaCha8Rng;
 use steer::mcmc::{self, BaseLaw, LogDensity, TemperingConfig};
@@ -38,14 +38,7 @@ pub fn run(
     if samples == 0 {
         bail!("--samples must be at least 1");
     }
-    let config = config::load(config_path, set)?;
-    let grid = config
-        .schedule
-        .build(config.steps)
-        .with_context(|| format!("{}", config_path.display()))?;
-    let target = config
-        .target(config_path, &grid)
-        .with_context(|| format!("{}", config_path.display()))?;
+    let (config, grid, target) = config::load_problem(config_path, set)?;
     let level = grid.level(grid.len());
     let (x, info) = match target.exact_terminal_law(&grid).filter(|_| !args.force) {
         Some(law) => {
