@@ -49,9 +49,30 @@ pub enum Error {
         /// Sampling step index (0-based).
         step: usize,
     },
+    /// A file could not be read or written, or its contents are malformed.
+    #[error("{}: {reason}", file_location(.path, *.line))]
+    File {
+        /// The file concerned.
+        path: std::path::PathBuf,
+        /// 1-based line number, when the problem is on one line of a text file.
+        line: Option<usize>,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The tensor backend of learned models (candle) failed.
+    #[error("tensor backend: {0}")]
+    Backend(String),
     /// A method or target needs something a model cannot provide.
     #[error("{0}")]
     Unsupported(String),
+}
+
+/// `path` or `path:line`, for [`Error::File`] messages.
+fn file_location(path: &std::path::Path, line: Option<usize>) -> String {
+    match line {
+        Some(line) => format!("{}:{line}", path.display()),
+        None => path.display().to_string(),
+    }
 }
 
 /// Result alias for the steer library.
@@ -64,5 +85,24 @@ impl Error {
             field: field.into(),
             reason: reason.into(),
         }
+    }
+
+    /// Shorthand for [`Error::File`].
+    pub fn file(
+        path: impl Into<std::path::PathBuf>,
+        line: Option<usize>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::File {
+            path: path.into(),
+            line,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Backend(e.to_string())
     }
 }

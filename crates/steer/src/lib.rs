@@ -58,6 +58,9 @@
 // `deny`, not `forbid`: ndarray's `s!` macro expands to `#[allow(unsafe_code)]`.
 #![deny(unsafe_code)]
 
+pub mod classifier;
+pub mod data;
+pub mod doob;
 pub mod error;
 pub mod exact;
 pub mod linalg;

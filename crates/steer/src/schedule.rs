@@ -9,7 +9,8 @@
 use crate::error::{Error, Result};
 
 /// A forward noising process with linear drift.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Schedule {
     /// Variance-preserving, `β(τ) = β_min + (β_max − β_min) τ/T`, `α = e^{−B/2}`, `σ² = 1 − α²`.
     VpLinear {

@@ -4,10 +4,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2};
+use ndarray::{Array1, Array2, ArrayView2, ArrayView3, ArrayViewMut1, ArrayViewMut2};
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
+use crate::doob::{HFunction, HOutput};
 use crate::error::{Error, Result};
 use crate::exact::ExactLaw;
 use crate::model::{GaussianMixture, NoiseLevel, ScoreModel, ScoreOutput};
@@ -102,9 +103,11 @@ pub struct Evaluations {
     score: AtomicU64,
     log_density: AtomicU64,
     divergence: AtomicU64,
+    vjp: AtomicU64,
     reward_value: AtomicU64,
     reward_gradient: AtomicU64,
     reward_laplacian: AtomicU64,
+    h_function: AtomicU64,
 }
 
 /// A snapshot of [`Evaluations`].
@@ -116,12 +119,16 @@ pub struct EvaluationCounts {
     pub log_density: u64,
     /// Exact divergence evaluations.
     pub divergence: u64,
+    /// Vector-Jacobian products through a score network (one per Hutchinson probe).
+    pub vjp: u64,
     /// Reward values.
     pub reward_value: u64,
     /// Reward gradients.
     pub reward_gradient: u64,
     /// Reward Laplacians.
     pub reward_laplacian: u64,
+    /// Doob h-function evaluations (`log h` and `∇log h` together, MATH.md §7).
+    pub h_function: u64,
 }
 
 impl EvaluationCounts {
@@ -131,9 +138,11 @@ impl EvaluationCounts {
             score: self.score - earlier.score,
             log_density: self.log_density - earlier.log_density,
             divergence: self.divergence - earlier.divergence,
+            vjp: self.vjp - earlier.vjp,
             reward_value: self.reward_value - earlier.reward_value,
             reward_gradient: self.reward_gradient - earlier.reward_gradient,
             reward_laplacian: self.reward_laplacian - earlier.reward_laplacian,
+            h_function: self.h_function - earlier.h_function,
         }
     }
 }
@@ -146,9 +155,11 @@ impl Evaluations {
             score: g(&self.score),
             log_density: g(&self.log_density),
             divergence: g(&self.divergence),
+            vjp: g(&self.vjp),
             reward_value: g(&self.reward_value),
             reward_gradient: g(&self.reward_gradient),
             reward_laplacian: g(&self.reward_laplacian),
+            h_function: g(&self.h_function),
         }
     }
 }
@@ -269,6 +280,30 @@ impl Target {
         self.experts[e].model.evaluate(level, x, out)
     }
 
+    /// Expert `e`'s score and the Hutchinson quadratic forms `z_pᵀ J_s z_p` of its Jacobian for
+    /// every probe (`P × N × d`), by reverse-mode autodiff; counted as one score evaluation and
+    /// `P` vector-Jacobian products per row.
+    pub fn expert_quadratic_forms(
+        &self,
+        e: usize,
+        level: &NoiseLevel,
+        x: ArrayView2<f64>,
+        probes: ArrayView3<f64>,
+        score: ArrayViewMut2<f64>,
+        forms: ArrayViewMut2<f64>,
+    ) -> Result<()> {
+        let n = x.nrows() as u64;
+        let ev = &self.evaluations;
+        ev.score.fetch_add(n, Ordering::Relaxed);
+        ev.vjp.fetch_add(
+            n * probes.len_of(ndarray::Axis(0)) as u64,
+            Ordering::Relaxed,
+        );
+        self.experts[e]
+            .model
+            .jacobian_quadratic_forms(level, x, probes, score, forms)
+    }
+
     /// The scores of the first `scores.len()` experts at `level` into `scores`, counted; a
     /// non-finite score is [`Error::NonFinite`] at `step`.
     pub fn expert_scores(
@@ -308,6 +343,44 @@ impl Target {
             ev.reward_laplacian.fetch_add(n, Ordering::Relaxed);
         }
         r.evaluate(x, out)
+    }
+
+    /// An h-function's `log h` and `∇log h` at `level` (MATH.md §7), counted; a non-finite
+    /// value is [`Error::NonFinite`] at `step`.
+    pub fn h_function_eval(
+        &self,
+        h: &dyn HFunction,
+        level: &NoiseLevel,
+        x: ArrayView2<f64>,
+        out: HOutput<'_>,
+        step: usize,
+    ) -> Result<()> {
+        if h.dim() != self.dim {
+            return Err(Error::Dimension {
+                context: "h-function (must match the experts)".into(),
+                expected: self.dim,
+                found: h.dim(),
+            });
+        }
+        self.evaluations
+            .h_function
+            .fetch_add(x.nrows() as u64, Ordering::Relaxed);
+        let HOutput {
+            mut log_h,
+            mut grad_log_h,
+        } = out;
+        h.evaluate(
+            level,
+            x,
+            HOutput {
+                log_h: log_h.as_mut().map(|v| v.view_mut()),
+                grad_log_h: grad_log_h.view_mut(),
+            },
+        )?;
+        if let Some(v) = &log_h {
+            crate::smc::check_finite(v, step, "log h")?;
+        }
+        crate::smc::check_finite(&grad_log_h, step, "h-function gradient")
     }
 
     /// `log q̃_t(x) = Σ_e γ_e log p_e(x) + β r(x)` at `level` for every row; needs log-densities.

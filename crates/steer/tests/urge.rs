@@ -28,35 +28,6 @@ fn urge(
     smc::run(&mut m, t, g, &settings(n, seed, policy), &mut |_| {}).unwrap()
 }
 
-/// The law of the discretised base chain for Gaussian data N(μ, ς²) (MATH.md §11.9), tilted
-/// by r = −(λ/2)(x − c)²: returns (mean, variance, log Z) of the exact URGE target.
-fn discretised_chain_target(
-    g: &TimeGrid,
-    mu: f64,
-    var0: f64,
-    lambda: f64,
-    centre: f64,
-) -> (f64, f64, f64) {
-    let s = g.schedule();
-    let c = |tau: f64| s.alpha(tau).powi(2) * var0 + s.sigma(tau).powi(2);
-    let mut m = s.alpha(g.taus()[0]) * mu;
-    let mut p = c(g.taus()[0]);
-    for st in g.steps() {
-        let ck = c(st.tau.0);
-        let coef = (st.diffusion + st.noise) / (2.0 * ck);
-        let a = 1.0 + st.drift - coef;
-        m = a * m + coef * st.alpha * mu;
-        p = a * a * p + st.noise;
-    }
-    // N(m, p) e^{−(λ/2)(x−c)²} = Z N(m̃, p̃) (MATH.md §11.2).
-    let pt = 1.0 / (1.0 / p + lambda);
-    let nu = m / p + lambda * centre;
-    let mt = pt * nu;
-    let log_z =
-        0.5 * (pt.ln() - p.ln()) + 0.5 * nu * mt - 0.5 * m * m / p - 0.5 * lambda * centre * centre;
-    (mt, pt, log_z)
-}
-
 /// The reference numbers of MATH.md §11.9 (M = 50): target N(1.4104, 0.1520), log Z = −2.2409.
 #[test]
 fn discretised_chain_reference_numbers() {

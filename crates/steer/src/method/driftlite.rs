@@ -21,7 +21,7 @@ use rand_distr::{Distribution, StandardNormal};
 use super::{Method, StepContext, StepStats};
 use crate::error::{Error, Result};
 use crate::linalg::{self, axpy, dot};
-use crate::model::{Probe, ScoreOutput, hutchinson_divergence};
+use crate::model::{Probe, ScoreOutput, hutchinson_divergence, hutchinson_probes};
 use crate::population::Population;
 use crate::reward::RewardOutput;
 use crate::rng::Purpose;
@@ -185,6 +185,30 @@ impl<'a> DriftLite<'a> {
 
         // Scores, with the divergence and log-density the bases need.
         for e in 0..experts {
+            let hutchinson = match self.config.divergence {
+                DivergenceEstimator::Hutchinson { probes, probe } => Some((probes, probe)),
+                DivergenceEstimator::Exact => None,
+            };
+            let keyed = ctx.streams.keyed(Purpose::Probe);
+            let rng = |i: usize| keyed.rng(k, i * experts + e);
+            let autodiff = hutchinson.is_some() && target.experts()[e].model.provides_vjp();
+            if autodiff && !energy {
+                // One forward pass gives the score and, by one VJP per probe, the estimate.
+                let (probes, probe) = hutchinson.expect("autodiff implies Hutchinson");
+                let z = hutchinson_probes(n, d, probes, probe, rng);
+                let mut forms = Array2::zeros((probes, n));
+                target.expert_quadratic_forms(
+                    e,
+                    &level,
+                    x.view(),
+                    z.view(),
+                    b.scores[e].view_mut(),
+                    forms.view_mut(),
+                )?;
+                check_finite(&b.scores[e], k, "score")?;
+                b.divergences[e] = forms.mean_axis(Axis(0)).expect("at least one probe");
+                continue;
+            }
             target.expert_score(
                 e,
                 &level,
@@ -196,16 +220,26 @@ impl<'a> DriftLite<'a> {
                 },
             )?;
             check_finite(&b.scores[e], k, "score")?;
-            if let DivergenceEstimator::Hutchinson { probes, probe } = self.config.divergence {
-                let keyed = ctx.streams.keyed(Purpose::Probe);
-                let x = x.view();
-                b.divergences[e] = hutchinson_divergence(
-                    x,
+            let Some((probes, probe)) = hutchinson else {
+                continue;
+            };
+            if autodiff {
+                let z = hutchinson_probes(n, d, probes, probe, rng);
+                let mut forms = Array2::zeros((probes, n));
+                let mut score = Array2::zeros((n, d));
+                target.expert_quadratic_forms(
+                    e,
                     &level,
-                    probes,
-                    probe,
-                    |i| keyed.rng(k, i * experts + e),
-                    |xs, out| {
+                    x.view(),
+                    z.view(),
+                    score.view_mut(),
+                    forms.view_mut(),
+                )?;
+                b.divergences[e] = forms.mean_axis(Axis(0)).expect("at least one probe");
+            } else {
+                let x = x.view();
+                b.divergences[e] =
+                    hutchinson_divergence(x, &level, probes, probe, rng, |xs, out| {
                         target.expert_score(
                             e,
                             &level,
@@ -216,8 +250,7 @@ impl<'a> DriftLite<'a> {
                                 divergence: None,
                             },
                         )
-                    },
-                )?;
+                    })?;
             }
         }
         let (beta, beta_next) = ctx.beta;
@@ -644,5 +677,7 @@ fn add_counts(
         reward_value: a.reward_value + b.reward_value,
         reward_gradient: a.reward_gradient + b.reward_gradient,
         reward_laplacian: a.reward_laplacian + b.reward_laplacian,
+        vjp: a.vjp + b.vjp,
+        h_function: a.h_function + b.h_function,
     }
 }

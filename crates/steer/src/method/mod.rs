@@ -1,10 +1,12 @@
 //! Sampling methods: each is one `advance` (move the particles, return log-weight
 //! increments) plugged into the single loop of [`crate::smc::run`].
 
+mod doob;
 mod driftlite;
 mod guided;
 mod urge;
 
+pub use doob::Doob;
 pub use driftlite::{Control, DivergenceEstimator, DriftLite, DriftLiteConfig, refine};
 pub use guided::{Guidance, GuidedSampler};
 pub use urge::{Potential, Proposal, Twist, TwistSchedule, Urge};

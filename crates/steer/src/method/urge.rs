@@ -10,15 +10,25 @@
 //! discretised chain tilted by `ψ_M` (`e^{r}`, times `Π_e p_e^{γ_e}/p_0` at the last grid
 //! point for annealing and products). No divergence, Laplacian or Hessian is ever evaluated.
 //!
+//! Doob's matching (§7.5): with an h-function attached ([`Urge::with_h_function`]),
+//! [`Proposal::Doob`] moves the particles by the Doob guidance `Δt δ = ½(𝒰 + 𝒱) ĝ` and
+//! [`Twist::Doob`] twists by `log ψ_k = log max(ĥ_{t_k}, h_min)`; [`Urge::doob`] sets both,
+//! the intended pairing (with the exact h and `V = U⃖` the weights become constant as
+//! `Δt → 0`). The path weights remove the regression error of a learned `ĥ` and the
+//! discretisation error, exactly for the discretised chain.
+//!
 //! Implementation note: the twist of `x_k` is evaluated at the start of step `k`, where the
 //! score at `x_k` is computed anyway (the Tweedie twist is then free), and the terminal twist
 //! after the last move. The intermediate targets are `P(x_{0:k+1}) ψ_k(x_k)`; the telescoping
 //! product, and hence the target, is unchanged.
 
+use std::sync::Arc;
+
 use ndarray::{Array1, Array2, ArrayViewMut1, Zip};
 use rand_distr::{Distribution, StandardNormal};
 
 use super::{DriftLite, DriftLiteConfig, Method, StepContext, StepStats};
+use crate::doob::{Clip, HFunction, HOutput};
 use crate::error::{Error, Result};
 use crate::linalg::{axpy, dot};
 use crate::model::{NoiseLevel, ScoreOutput};
@@ -40,6 +50,10 @@ pub enum Proposal {
     /// Pure guidance plus a DriftLite control `Δt Σ_a θ_a B_a` (VCG or ECG, §5), with θ
     /// fitted on the current weighted particles each step.
     Controlled(DriftLiteConfig),
+    /// Doob guidance (MATH.md §7.5): `Δt δ = ½(𝒰 + 𝒱) ĝ` with `ĝ` the clipped `∇log ĥ` of
+    /// the h-function attached by [`Urge::with_h_function`] (required). Only the first
+    /// expert's score is evaluated; pair it with [`Twist::Doob`] (as [`Urge::doob`] does).
+    Doob,
 }
 
 /// The twist `ψ_k` for `k < M` (MATH.md §6.3).
@@ -69,6 +83,10 @@ pub enum Twist {
     /// not telescope: the target becomes `∝ P e^{r(x_M)} e^{−Σ_j Δβ_j r̂_j}`. Provided only to
     /// show the bias; do not use it to sample.
     NaiveTempered,
+    /// `log ψ_k = log max(ĥ_{t_k}(x_k), h_min)` (MATH.md §7.5) from the h-function attached
+    /// by [`Urge::with_h_function`] (required) and its [`Clip`]; the natural twist of
+    /// [`Proposal::Doob`]. Evaluated like the reward twists: at `k = 0` and on the schedule.
+    Doob,
 }
 
 /// The FK-steering potential `log G_j` at evaluation `j` (MATH.md §8.2).
@@ -132,6 +150,8 @@ pub struct Urge<'a> {
     temperature: f64,
     /// Grid times `t_0` and `t_M`, for the evaluation window.
     span: (f64, f64),
+    /// The h-function and its post-processing, for the Doob proposal and twist.
+    doob: Option<(Arc<dyn HFunction>, Clip)>,
     buffers: Buffers,
 }
 
@@ -145,6 +165,9 @@ struct Buffers {
     scratch: Array2<f64>,
     /// `N × d` proposal shifts `Δt δ`.
     shift: Array2<f64>,
+    /// `N` values `log ĥ` and `N × d` guidance `ĝ` of the Doob proposal and twist.
+    log_h: Array1<f64>,
+    guidance: Array2<f64>,
 }
 
 impl<'a> Urge<'a> {
@@ -183,8 +206,30 @@ impl<'a> Urge<'a> {
             evaluations_done: 0,
             temperature: 0.0,
             span: (0.0, 1.0),
+            doob: None,
             buffers: Buffers::default(),
         })
+    }
+
+    /// Attaches the h-function `h` and its post-processing `clip` used by
+    /// [`Proposal::Doob`] and [`Twist::Doob`] (MATH.md §7.5).
+    pub fn with_h_function(mut self, h: Arc<dyn HFunction>, clip: Clip) -> Result<Self> {
+        clip.validate()?;
+        if h.dim() != self.target.dim() {
+            return Err(Error::Dimension {
+                context: "h-function (must match the target)".into(),
+                expected: self.target.dim(),
+                found: h.dim(),
+            });
+        }
+        self.doob = Some((h, clip));
+        Ok(self)
+    }
+
+    /// URGE with the Doob proposal and the Doob twist of `h` (MATH.md §7.5): the
+    /// combination whose weights are constant for the exact h as `Δt → 0`.
+    pub fn doob(target: &'a Target, h: Arc<dyn HFunction>, clip: Clip) -> Result<Self> {
+        Urge::new(target, Proposal::Doob, Twist::Doob)?.with_h_function(h, clip)
     }
 
     /// Evaluates the twist only on `schedule` (FK steering's resampling steps).
@@ -296,7 +341,7 @@ impl<'a> Urge<'a> {
                     .and(look_ahead)
                     .for_each(|out, &r| *out = lo * r);
             }
-            Twist::None | Twist::Reward | Twist::Tweedie | Twist::PathRatio => {}
+            Twist::None | Twist::Reward | Twist::Tweedie | Twist::PathRatio | Twist::Doob => {}
         }
     }
 
@@ -392,6 +437,12 @@ impl Method for Urge<'_> {
                 "URGE needs η > 0: the probability-flow ODE (η = 0) has no path density, so path weights do not exist",
             ));
         }
+        if (self.proposal == Proposal::Doob || self.twist == Twist::Doob) && self.doob.is_none() {
+            return Err(Error::invalid(
+                "urge.h_function",
+                "the Doob proposal and twist need an h-function: attach one with Urge::with_h_function",
+            ));
+        }
         self.steps = grid.len();
         self.terminal = Some(grid.level(grid.len()));
         self.span = (grid.time(0), grid.time(grid.len()));
@@ -416,6 +467,7 @@ impl Method for Urge<'_> {
         let k = step.index;
         let (n, d) = population.x.dim();
         let guided = self.proposal == Proposal::Guided;
+        let doob_proposal = self.proposal == Proposal::Doob;
         let experts = if guided { target.experts().len() } else { 1 };
         let controlled = self.controller.is_some();
         let b = &mut self.buffers;
@@ -426,6 +478,8 @@ impl Method for Urge<'_> {
             b.reward_gradient = Array2::zeros((n, d));
             b.twist = Array1::zeros(n);
             b.shift = Array2::zeros((n, d));
+            b.log_h = Array1::zeros(n);
+            b.guidance = Array2::zeros((n, d));
         }
         let level = step.level();
         let (beta, _) = ctx.beta;
@@ -457,11 +511,28 @@ impl Method for Urge<'_> {
         };
         let evaluate = match self.twist {
             Twist::None => false,
-            Twist::Reward | Twist::Tweedie | Twist::PathRatio => {
+            Twist::Reward | Twist::Tweedie | Twist::PathRatio | Twist::Doob => {
                 k == 0 || self.evaluated_at(k, step.t.0)
             }
             _ => self.evaluated_at(k, step.t.0),
         };
+        // One h-function call gives both the Doob guidance and the Doob twist at x_k.
+        let doob_twist = evaluate && self.twist == Twist::Doob;
+        let clip = self.doob.as_ref().map(|(_, c)| *c).unwrap_or(Clip::none());
+        if doob_proposal || doob_twist {
+            let (h, _) = self.doob.as_ref().expect("checked at initialisation");
+            let b = &mut self.buffers;
+            target.h_function_eval(
+                h.as_ref(),
+                &level,
+                population.x.view(),
+                HOutput {
+                    log_h: (doob_twist || clip.needs_log_h()).then(|| b.log_h.view_mut()),
+                    grad_log_h: b.guidance.view_mut(),
+                },
+                k,
+            )?;
+        }
         if evaluate {
             let mut twist = std::mem::take(&mut self.buffers.twist);
             match self.twist {
@@ -474,6 +545,9 @@ impl Method for Urge<'_> {
                     let denoised = self.denoised(&population.x, step);
                     self.log_ratio(&level, beta, &denoised, &mut twist, false)?;
                 }
+                Twist::Doob => Zip::from(&mut twist)
+                    .and(&self.buffers.log_h)
+                    .for_each(|psi, &log_h| *psi = clip.log_twist(log_h)),
                 _ => {
                     let denoised = self.denoised(&population.x, step);
                     let mut look_ahead = Array1::zeros(n);
@@ -504,21 +578,24 @@ impl Method for Urge<'_> {
             scores,
             reward_gradient: grad,
             shift,
+            log_h,
+            guidance,
             ..
         } = &mut self.buffers;
-        let (scores, grad) = (&*scores, &*grad);
+        let (scores, grad, log_h) = (&*scores, &*grad, &*log_h);
         let gammas: Vec<f64> = target.experts().iter().map(|e| e.gamma).collect();
         let (drift, half, variance) = (step.drift, 0.5 * (step.diffusion + step.noise), step.noise);
         let noise_sd = variance.sqrt();
         let noise = ctx.streams.keyed(Purpose::Noise);
         Zip::indexed(population.x.rows_mut())
             .and(shift.rows_mut())
+            .and(guidance.rows_mut())
             .and(&mut increments)
-            .par_for_each(|i, mut x_row, mut shift_row, inc| {
+            .par_for_each(|i, mut x_row, mut shift_row, mut g_row, inc| {
                 let x = x_row.as_slice_mut().expect("contiguous");
                 let s0 = scores[0].row(i);
                 let s0 = s0.to_slice().expect("contiguous");
-                // Δt δ = ½(𝒰 + 𝒱)(S − s_0).
+                // Δt δ = ½(𝒰 + 𝒱)(S − s_0), or ½(𝒰 + 𝒱) ĝ for the Doob proposal.
                 let shift = shift_row.as_slice_mut().expect("contiguous");
                 // A controlled proposal's shift was written by the controller.
                 if !controlled {
@@ -540,6 +617,11 @@ impl Method for Urge<'_> {
                             grad.row(i).to_slice().expect("contiguous"),
                         );
                     }
+                }
+                if doob_proposal {
+                    let g = g_row.as_slice_mut().expect("contiguous");
+                    clip.apply(log_h[i], g);
+                    axpy(shift, half, g);
                 }
                 let mut rng = noise.rng(k, i);
                 let mut shift_dot_xi = 0.0;

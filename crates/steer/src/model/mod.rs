@@ -7,13 +7,15 @@
 //! factor, a network's time embedding) once per call and parallelise over rows.
 
 pub mod gmm;
+pub mod nn;
 
-use ndarray::{ArrayView2, ArrayViewMut1, ArrayViewMut2};
+use ndarray::{ArrayView2, ArrayView3, ArrayViewMut1, ArrayViewMut2};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::schedule::Schedule;
 
 pub use gmm::{Covariance, GaussianMixture};
+pub use nn::Network;
 
 /// Forward time `τ` with the marginal scale `α(τ)` and noise `σ(τ)`: `x_τ = α x_0 + σ ε`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -71,6 +73,29 @@ pub trait ScoreModel: Send + Sync + std::fmt::Debug {
     /// Whether [`ScoreOutput::divergence`] can be requested (exactly).
     fn provides_divergence(&self) -> bool;
 
+    /// Whether [`ScoreModel::jacobian_quadratic_forms`] is available (reverse-mode autodiff).
+    fn provides_vjp(&self) -> bool {
+        false
+    }
+
+    /// For every probe `z_p` (`probes` is `P × N × d`) writes `z_pᵀ J_s(x_i) z_p` to
+    /// `forms[p, i]`, one vector-Jacobian product per probe, and the score to `score`.
+    /// Hutchinson's estimator of `∇·s` is the mean over probes with `E[z zᵀ] = I`; the `d` unit
+    /// vectors give the exact trace.
+    fn jacobian_quadratic_forms(
+        &self,
+        level: &NoiseLevel,
+        x: ArrayView2<f64>,
+        probes: ArrayView3<f64>,
+        score: ArrayViewMut2<f64>,
+        forms: ArrayViewMut2<f64>,
+    ) -> Result<()> {
+        let _ = (level, x, probes, score, forms);
+        Err(Error::Unsupported(
+            "this model has no vector-Jacobian products".into(),
+        ))
+    }
+
     /// The model as an exact Gaussian mixture, when it is one (enables closed-form references).
     fn as_mixture(&self) -> Option<&GaussianMixture> {
         None
@@ -87,28 +112,19 @@ pub enum Probe {
     Gaussian,
 }
 
-/// Hutchinson estimate of `∇·s(x) = tr J_s(x)` for every row (MATH.md §5.7):
-/// `(1/n) Σ_p z_pᵀ (s(x + ε z_p) − s(x − ε z_p)) / (2ε)` with `ε = 10⁻³ max(σ, 10⁻²)`.
-///
-/// `score(x, out)` evaluates the score at a batch (it is called once per probe on a `2N × d`
-/// batch); probes for row `i` come from `rng(i)`. Unbiased up to the `O(ε²)` bias of the
-/// central difference.
-pub fn hutchinson_divergence<R: rand::Rng>(
-    x: ArrayView2<f64>,
-    level: &NoiseLevel,
+/// Hutchinson probes `P × N × d` with `E[z zᵀ] = I`; row `i`'s probes come from `rng(i)`.
+pub fn hutchinson_probes<R: rand::Rng>(
+    n: usize,
+    d: usize,
     probes: usize,
     probe: Probe,
     rng: impl Fn(usize) -> R + Sync,
-    mut score: impl FnMut(ArrayView2<f64>, ArrayViewMut2<f64>) -> Result<()>,
-) -> Result<ndarray::Array1<f64>> {
-    use ndarray::{Array1, Array2, Array3, Axis, Zip};
+) -> ndarray::Array3<f64> {
+    use ndarray::{Array3, Axis};
     use rand_distr::{Distribution, StandardNormal};
     use rayon::prelude::*;
-    let (n, d) = x.dim();
-    let eps = 1e-3 * level.sigma.max(1e-2);
-    // `n × probes × d`: every probe of row i comes from row i's own stream.
-    let mut z = Array3::<f64>::zeros((n, probes, d));
-    z.axis_iter_mut(Axis(0))
+    let mut z = Array3::<f64>::zeros((probes, n, d));
+    z.axis_iter_mut(Axis(1))
         .into_par_iter()
         .enumerate()
         .for_each(|(i, mut zi)| {
@@ -124,11 +140,33 @@ pub fn hutchinson_divergence<R: rand::Rng>(
                 Probe::Gaussian => StandardNormal.sample(&mut r),
             });
         });
+    z
+}
+
+/// Hutchinson estimate of `∇·s(x) = tr J_s(x)` for every row (MATH.md §5.7):
+/// `(1/n) Σ_p z_pᵀ (s(x + ε z_p) − s(x − ε z_p)) / (2ε)` with `ε = 10⁻³ max(σ, 10⁻²)`.
+///
+/// `score(x, out)` evaluates the score at a batch (it is called once per probe on a `2N × d`
+/// batch); probes for row `i` come from `rng(i)`. Unbiased up to the `O(ε²)` bias of the
+/// central difference. Models with reverse-mode autodiff use
+/// [`ScoreModel::jacobian_quadratic_forms`] on [`hutchinson_probes`] instead (no bias).
+pub fn hutchinson_divergence<R: rand::Rng>(
+    x: ArrayView2<f64>,
+    level: &NoiseLevel,
+    probes: usize,
+    probe: Probe,
+    rng: impl Fn(usize) -> R + Sync,
+    mut score: impl FnMut(ArrayView2<f64>, ArrayViewMut2<f64>) -> Result<()>,
+) -> Result<ndarray::Array1<f64>> {
+    use ndarray::{Array1, Array2, Axis, Zip};
+    let (n, d) = x.dim();
+    let eps = 1e-3 * level.sigma.max(1e-2);
+    let z = hutchinson_probes(n, d, probes, probe, rng);
     let mut total = Array1::<f64>::zeros(n);
     let mut shifted = Array2::<f64>::zeros((2 * n, d));
     let mut out = Array2::<f64>::zeros((2 * n, d));
     for p in 0..probes {
-        let zp = z.index_axis(Axis(1), p);
+        let zp = z.index_axis(Axis(0), p);
         let (mut plus, mut minus) = shifted.view_mut().split_at(Axis(0), n);
         Zip::from(&mut plus)
             .and(&x)
