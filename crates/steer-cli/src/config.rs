@@ -6,13 +6,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
-use ndarray::Array1;
+use ndarray::{Array1, Array2};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use steer::classifier::{ClassReward, Classifier};
 use steer::method::{
     Control, DivergenceEstimator, DriftLiteConfig, Guidance, Potential, Proposal, Twist,
     TwistSchedule,
 };
-use steer::model::{Probe, ScoreModel};
+use steer::model::nn::{Architecture, Network, NetworkSpec};
+use steer::model::{Covariance, GaussianMixture, NoiseLevel, Probe, ScoreModel};
 use steer::resample::Scheme;
 use steer::reward::{Linear, MixtureLogDensity, Quadratic, Reward};
 use steer::schedule::{GridKind, Schedule, TimeGrid};
@@ -152,7 +155,8 @@ pub struct ScheduleConfig {
     pub rho: Option<f64>,
     /// First forward time τ_max (default T, or T(1−10⁻³) for cosine).
     pub tau_max: Option<f64>,
-    /// Last forward time τ_min (default 0 for VP, σ_min = 0.002 for VE).
+    /// Last forward time τ_min (default 0 for VP, σ_min = 0.002 for VE; with only network
+    /// experts, the largest `tau_min` they were trained down to).
     pub tau_min: Option<f64>,
     /// Noise level η: V = η U (1 = reverse SDE, 0 = probability-flow ODE).
     pub eta: Option<f64>,
@@ -172,7 +176,7 @@ pub struct ExpertConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// "gmm".
+    /// "gmm" (a Gaussian-mixture JSON file) or "network" (a `steer train` model JSON file).
     pub kind: String,
     /// Path of the model file, relative to the config file.
     pub file: PathBuf,
@@ -182,7 +186,7 @@ pub struct ModelConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RewardConfig {
-    /// "linear", "quadratic" or "mixture".
+    /// "linear", "quadratic", "mixture" or "classifier".
     pub kind: String,
     /// Linear: slope a in r = a·x.
     pub slope: Option<Vec<f64>>,
@@ -190,10 +194,13 @@ pub struct RewardConfig {
     pub centre: Option<Vec<f64>>,
     /// Quadratic: strength λ ≥ 0.
     pub strength: Option<f64>,
-    /// Mixture: mixture file for r = scale · log p(x).
+    /// Mixture: mixture file for r = scale · log p(x); classifier: the classifier's JSON file
+    /// for r = scale · log p(class | x).
     pub file: Option<PathBuf>,
-    /// Mixture: scale (default 1).
+    /// Mixture and classifier: scale (default 1).
     pub scale: Option<f64>,
+    /// Classifier: the class c steered towards.
+    pub class: Option<usize>,
     /// Reward schedule β_t: "linear" (default), "power" or "signal".
     pub schedule: Option<String>,
     /// Exponent p of the "power" schedule β = s^p.
@@ -228,10 +235,37 @@ pub struct ResamplingConfig {
 pub struct OutputConfig {
     /// Write PNG plots (default true).
     pub plots: Option<bool>,
+    /// The samples are images of `[height, width]` pixels (times `channels`): `samples.png`
+    /// is then a grid of images (automatic for a U-Net network).
+    pub image: Option<[usize; 2]>,
+    /// Image channels: 1 (grey, default) or 3 (RGB); channel-major rows.
+    pub channels: Option<usize>,
+    /// Pixel values drawn black and white (default: the smallest and largest value shown).
+    pub image_range: Option<[f64; 2]>,
+}
+
+/// How a sample vector is an image: `channels × height × width`, row-major, and which pixel
+/// values are drawn black and white.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ImageShape {
+    /// 1 (grey) or 3 (RGB).
+    pub channels: usize,
+    /// Rows of pixels.
+    pub height: usize,
+    /// Columns of pixels.
+    pub width: usize,
+    /// `[output] image_range`: values drawn black and white (`None`: the shown values' range).
+    pub range: Option<(f64, f64)>,
 }
 
 /// Reads a config file, applies `--set key=value` overrides, and deserialises it.
 pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+    load_toml(path, overrides)
+}
+
+/// Reads any TOML config (`steer sample`, `steer train`), applies `--set key=value`
+/// overrides, and deserialises it; unknown fields are errors naming the field and the file.
+pub fn load_toml<T: DeserializeOwned>(path: &Path, overrides: &[String]) -> Result<T> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config {}", path.display()))?;
     let mut value: toml::Table = text
@@ -240,16 +274,19 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
     for o in overrides {
         apply_override(&mut value, o).with_context(|| format!("invalid --set `{o}`"))?;
     }
-    let config: Config = toml::Value::Table(value)
+    toml::Value::Table(value)
         .try_into()
-        .map_err(|e: toml::de::Error| anyhow!("{}: {}", path.display(), e.to_string().trim()))?;
-    Ok(config)
+        .map_err(|e: toml::de::Error| anyhow!("{}: {}", path.display(), e.to_string().trim()))
 }
 
 /// Loads a config and builds its time grid and target; errors name the config file.
+///
+/// When every expert is a network and `schedule.tau_min` is not set, it defaults to the
+/// largest `tau_min` the networks were trained down to (a network has not seen smaller noise).
 pub fn load_problem(path: &Path, overrides: &[String]) -> Result<(Config, TimeGrid, Target)> {
-    let config = load(path, overrides)?;
+    let mut config = load(path, overrides)?;
     let at = || path.display().to_string();
+    config.default_tau_min(path).with_context(at)?;
     let grid = config.schedule.build(config.steps).with_context(at)?;
     let target = config.target(path, &grid).with_context(at)?;
     Ok((config, grid, target))
@@ -280,7 +317,8 @@ fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
     Ok(())
 }
 
-fn resolve(base: &Path, file: &Path) -> PathBuf {
+/// `file` relative to the folder of the config file `base` (absolute paths unchanged).
+pub fn resolve(base: &Path, file: &Path) -> PathBuf {
     if file.is_absolute() {
         file.to_path_buf()
     } else {
@@ -288,7 +326,8 @@ fn resolve(base: &Path, file: &Path) -> PathBuf {
     }
 }
 
-fn finite(field: &str, v: Option<f64>, default: f64) -> Result<f64> {
+/// `v` (or `default`), which must be finite; errors name `field`.
+pub fn finite(field: &str, v: Option<f64>, default: f64) -> Result<f64> {
     let v = v.unwrap_or(default);
     if !v.is_finite() {
         bail!("`{field}` must be finite, got {v}");
@@ -297,7 +336,7 @@ fn finite(field: &str, v: Option<f64>, default: f64) -> Result<f64> {
 }
 
 /// Forbids fields that do not apply to the chosen kind, so typos in intent surface.
-fn unused(section: &str, kind: &str, fields: &[(&str, bool)]) -> Result<()> {
+pub fn unused(section: &str, kind: &str, fields: &[(&str, bool)]) -> Result<()> {
     for (name, present) in fields {
         if *present {
             bail!("`{section}.{name}` does not apply to {section}.kind = \"{kind}\"");
@@ -309,6 +348,30 @@ fn unused(section: &str, kind: &str, fields: &[(&str, bool)]) -> Result<()> {
 impl ScheduleConfig {
     /// The schedule and grid for `steps` steps.
     pub fn build(&self, steps: usize) -> Result<TimeGrid> {
+        let s = self;
+        let schedule = self.schedule()?;
+        let ve = schedule.is_variance_exploding();
+        let grid = match s.grid.as_deref() {
+            None if ve => GridKind::Edm {
+                rho: finite("schedule.rho", s.rho, 7.0)?,
+            },
+            None | Some("uniform") => GridKind::Uniform,
+            Some("edm") => GridKind::Edm {
+                rho: finite("schedule.rho", s.rho, 7.0)?,
+            },
+            Some("geometric") => GridKind::Geometric,
+            Some(other) => bail!(
+                "`schedule.grid` = \"{other}\" is unknown (expected uniform, edm or geometric)"
+            ),
+        };
+        let tau_max = finite("schedule.tau_max", s.tau_max, schedule.default_tau_max())?;
+        let tau_min = finite("schedule.tau_min", s.tau_min, if ve { 0.002 } else { 0.0 })?;
+        let eta = finite("schedule.eta", s.eta, 1.0)?;
+        Ok(TimeGrid::new(schedule, grid, steps, tau_max, tau_min, eta)?)
+    }
+
+    /// The noise schedule alone (kind and its parameters; the grid fields are not read).
+    pub fn schedule(&self) -> Result<Schedule> {
         let s = self;
         let schedule = match s.kind.as_str() {
             "vp-linear" => {
@@ -360,24 +423,7 @@ impl ScheduleConfig {
                 "`schedule.kind` = \"{other}\" is unknown (expected vp-linear, vp-cosine or ve-edm)"
             ),
         };
-        let ve = schedule.is_variance_exploding();
-        let grid = match s.grid.as_deref() {
-            None if ve => GridKind::Edm {
-                rho: finite("schedule.rho", s.rho, 7.0)?,
-            },
-            None | Some("uniform") => GridKind::Uniform,
-            Some("edm") => GridKind::Edm {
-                rho: finite("schedule.rho", s.rho, 7.0)?,
-            },
-            Some("geometric") => GridKind::Geometric,
-            Some(other) => bail!(
-                "`schedule.grid` = \"{other}\" is unknown (expected uniform, edm or geometric)"
-            ),
-        };
-        let tau_max = finite("schedule.tau_max", s.tau_max, schedule.default_tau_max())?;
-        let tau_min = finite("schedule.tau_min", s.tau_min, if ve { 0.002 } else { 0.0 })?;
-        let eta = finite("schedule.eta", s.eta, 1.0)?;
-        Ok(TimeGrid::new(schedule, grid, steps, tau_max, tau_min, eta)?)
+        Ok(schedule)
     }
 }
 
@@ -621,7 +667,14 @@ impl Config {
                 "gmm" => Arc::new(
                     io::read_mixture(&file).with_context(|| format!("experts[{e}].model.file"))?,
                 ),
-                other => bail!("`experts[{e}].model.kind` = \"{other}\" is unknown (expected gmm)"),
+                "network" => {
+                    Arc::new(Network::load(&file).with_context(|| {
+                        format!("`experts[{e}].model.file` ({})", file.display())
+                    })?)
+                }
+                other => bail!(
+                    "`experts[{e}].model.kind` = \"{other}\" is unknown (expected gmm or network)"
+                ),
             };
             if let Some(first) = experts.first()
                 && model.dim() != first.model.dim()
@@ -644,13 +697,14 @@ impl Config {
                 let (reward, tilt) = r.build(path)?;
                 let d = experts[0].model.dim();
                 if reward.dim() != d {
-                    let field = match r.kind.as_str() {
-                        "linear" => "reward.slope",
-                        "quadratic" => "reward.centre",
-                        _ => "reward.file",
+                    let field = match (r.kind.as_str(), &r.file) {
+                        ("linear", _) => "`reward.slope`".to_string(),
+                        ("quadratic", _) => "`reward.centre`".to_string(),
+                        (_, Some(f)) => format!("`reward.file` ({})", resolve(path, f).display()),
+                        (_, None) => "`reward.file`".to_string(),
                     };
                     bail!(
-                        "dimension mismatch: `{field}` has dimension {}, the experts' model files have dimension {d}",
+                        "dimension mismatch: {field} has dimension {}, the experts' model files have dimension {d}",
                         reward.dim()
                     );
                 }
@@ -660,6 +714,121 @@ impl Config {
         };
         tilt.validate(grid)?;
         Ok(Target::new(experts, reward, tilt)?)
+    }
+
+    /// The description of expert `e`'s network (its JSON only, not the weights); `None` for
+    /// other model kinds.
+    pub fn network_spec(&self, path: &Path, e: usize) -> Result<Option<NetworkSpec>> {
+        let Some(m) = self.experts.get(e).map(|x| &x.model) else {
+            return Ok(None);
+        };
+        if m.kind != "network" {
+            return Ok(None);
+        }
+        let file = resolve(path, &m.file);
+        io::read_network_spec(&file)
+            .map(Some)
+            .with_context(|| format!("`experts[{e}].model.file` ({})", file.display()))
+    }
+
+    /// Sets `schedule.tau_min`, when absent and every expert is a network, to the largest
+    /// `tau_min` the networks were trained down to.
+    fn default_tau_min(&mut self, path: &Path) -> Result<()> {
+        if self.schedule.tau_min.is_some()
+            || self.experts.is_empty()
+            || self.experts.iter().any(|e| e.model.kind != "network")
+        {
+            return Ok(());
+        }
+        let mut tau_min = 0.0_f64;
+        for e in 0..self.experts.len() {
+            if let Some(spec) = self.network_spec(path, e)? {
+                tau_min = tau_min.max(spec.tau_min);
+            }
+        }
+        self.schedule.tau_min = Some(tau_min);
+        Ok(())
+    }
+
+    /// How the samples of dimension `dim` are images, if they are: `[output] image` (with
+    /// `channels`), else the U-Net architecture of the first expert's network.
+    pub fn image_shape(&self, path: &Path, dim: usize) -> Result<Option<ImageShape>> {
+        let o = &self.output;
+        let range = match o.image_range {
+            Some([lo, hi]) => {
+                if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+                    bail!("`output.image_range` must be finite with low < high, got [{lo}, {hi}]");
+                }
+                Some((lo, hi))
+            }
+            None => None,
+        };
+        let shape = self.image_layout(path, dim)?;
+        if shape.is_none() && range.is_some() {
+            bail!(
+                "`output.image_range` applies only to image samples (set `output.image` = [height, width])"
+            );
+        }
+        Ok(shape.map(|(channels, height, width)| ImageShape {
+            channels,
+            height,
+            width,
+            range,
+        }))
+    }
+
+    /// `(channels, height, width)` of image samples, if they are images.
+    fn image_layout(&self, path: &Path, dim: usize) -> Result<Option<(usize, usize, usize)>> {
+        let o = &self.output;
+        if let Some([height, width]) = o.image {
+            let channels = o.channels.unwrap_or(1);
+            if channels != 1 && channels != 3 {
+                bail!("`output.channels` must be 1 (grey) or 3 (RGB), got {channels}");
+            }
+            if height == 0 || width == 0 || channels * height * width != dim {
+                bail!(
+                    "`output.image` = [{height}, {width}] with {channels} channel(s) holds {} values, but the samples have dimension {dim}",
+                    channels * height * width
+                );
+            }
+            return Ok(Some((channels, height, width)));
+        }
+        if o.channels.is_some() {
+            bail!("`output.channels` needs `output.image` = [height, width]");
+        }
+        if let Some(spec) = self.network_spec(path, 0)?
+            && let Architecture::Unet {
+                channels_in,
+                height,
+                width,
+                ..
+            } = spec.architecture
+            && (channels_in == 1 || channels_in == 3)
+        {
+            return Ok(Some((channels_in, height, width)));
+        }
+        Ok(None)
+    }
+
+    /// The hot end of `steer reference`'s tempering ladder when the first expert is a network:
+    /// the Gaussian `N(m, s² I)` of the network's data mean and scale, noised to `level`.
+    pub fn network_tempering_base(
+        &self,
+        path: &Path,
+        level: &NoiseLevel,
+    ) -> Result<Option<GaussianMixture>> {
+        let Some(spec) = self.network_spec(path, 0)? else {
+            return Ok(None);
+        };
+        let d = spec.dim;
+        let mean = Array2::from_shape_vec((1, d), spec.data_mean.clone())?;
+        let variance = Array1::from(vec![spec.data_scale * spec.data_scale]);
+        let law = GaussianMixture::new(
+            Array1::from(vec![1.0]),
+            mean,
+            Covariance::Isotropic(variance),
+        )?;
+        Ok(Some(law.at_level(level)))
     }
 
     /// Engine settings for the run.
@@ -735,6 +904,7 @@ impl RewardConfig {
                         ("strength", r.strength.is_some()),
                         ("file", r.file.is_some()),
                         ("scale", r.scale.is_some()),
+                        ("class", r.class.is_some()),
                     ],
                 )?;
                 Arc::new(Linear::new(vector("slope", &r.slope)?)?)
@@ -747,6 +917,7 @@ impl RewardConfig {
                         ("slope", r.slope.is_some()),
                         ("file", r.file.is_some()),
                         ("scale", r.scale.is_some()),
+                        ("class", r.class.is_some()),
                     ],
                 )?;
                 let strength = r.strength.ok_or_else(|| {
@@ -762,6 +933,7 @@ impl RewardConfig {
                         ("slope", r.slope.is_some()),
                         ("centre", r.centre.is_some()),
                         ("strength", r.strength.is_some()),
+                        ("class", r.class.is_some()),
                     ],
                 )?;
                 let file = r.file.as_ref().ok_or_else(|| {
@@ -773,8 +945,33 @@ impl RewardConfig {
                     finite("reward.scale", r.scale, 1.0)?,
                 )?)
             }
+            "classifier" => {
+                unused(
+                    "reward",
+                    &r.kind,
+                    &[
+                        ("slope", r.slope.is_some()),
+                        ("centre", r.centre.is_some()),
+                        ("strength", r.strength.is_some()),
+                    ],
+                )?;
+                let file = r.file.as_ref().ok_or_else(|| {
+                    anyhow!("`reward.file` is required for reward.kind = \"classifier\"")
+                })?;
+                let class = r.class.ok_or_else(|| {
+                    anyhow!("`reward.class` is required for reward.kind = \"classifier\"")
+                })?;
+                let file = resolve(path, file);
+                let classifier = Classifier::load(&file)
+                    .with_context(|| format!("`reward.file` ({})", file.display()))?;
+                Arc::new(ClassReward::new(
+                    Arc::new(classifier),
+                    class,
+                    finite("reward.scale", r.scale, 1.0)?,
+                )?)
+            }
             other => bail!(
-                "`reward.kind` = \"{other}\" is unknown (expected linear, quadratic or mixture)"
+                "`reward.kind` = \"{other}\" is unknown (expected linear, quadratic, mixture or classifier)"
             ),
         };
         let tilt = match r.schedule.as_deref().unwrap_or("linear") {

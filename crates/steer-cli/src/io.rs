@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use ndarray::{Array1, Array2, Array3};
 use ndarray_npy::{ReadNpyExt, WriteNpyExt};
 use serde::Deserialize;
+use steer::model::nn::NetworkSpec;
 use steer::model::{Covariance, GaussianMixture};
 
 /// The mixture file format users bring: weights, means and exactly one covariance form.
@@ -87,21 +88,38 @@ fn parse_mixture(f: MixtureFile) -> Result<GaussianMixture> {
     )?)
 }
 
-/// Reads an `N × d` float64 array (a 1-D array is read as `N × 1`).
+/// Reads the JSON description of a network written by `steer train` (not its weights).
+pub fn read_network_spec(path: &Path) -> Result<NetworkSpec> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("cannot read network file {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a network description written by `steer train`",
+            path.display()
+        )
+    })
+}
+
+/// Reads an `N × d` float64 or float32 array (a 1-D array is read as `N × 1`).
 pub fn read_samples(path: &Path) -> Result<Array2<f64>> {
     let open = || fs::File::open(path).with_context(|| format!("cannot open {}", path.display()));
-    let x = match Array2::<f64>::read_npy(open()?) {
-        Ok(x) => x,
-        Err(_) => {
-            let v = Array1::<f64>::read_npy(open()?).with_context(|| {
-                format!(
-                    "{} is not a float64 .npy array of 1 or 2 dimensions",
-                    path.display()
-                )
-            })?;
-            let n = v.len();
-            v.into_shape_with_order((n, 1))?
-        }
+    let column = |v: Array1<f64>| {
+        let n = v.len();
+        v.into_shape_with_order((n, 1)).expect("n × 1")
+    };
+    let x = if let Ok(x) = Array2::<f64>::read_npy(open()?) {
+        x
+    } else if let Ok(x) = Array2::<f32>::read_npy(open()?) {
+        x.mapv(f64::from)
+    } else if let Ok(v) = Array1::<f64>::read_npy(open()?) {
+        column(v)
+    } else if let Ok(v) = Array1::<f32>::read_npy(open()?) {
+        column(v.mapv(f64::from))
+    } else {
+        bail!(
+            "{} is not a float64 or float32 .npy array of 1 or 2 dimensions",
+            path.display()
+        );
     };
     if x.nrows() == 0 {
         bail!("{} holds no samples", path.display());
@@ -115,6 +133,49 @@ pub fn read_samples(path: &Path) -> Result<Array2<f64>> {
         );
     }
     Ok(x)
+}
+
+/// Reads class labels: a 1-D (or `n × 1`) `.npy` array of integers or of integral floats,
+/// each in `0..=255`.
+pub fn read_labels(path: &Path) -> Result<Vec<u8>> {
+    let open = || fs::File::open(path).with_context(|| format!("cannot open {}", path.display()));
+    fn flat<T: Copy>(a: ndarray::ArrayD<T>) -> Option<Vec<T>> {
+        match a.shape() {
+            [_] | [_, 1] => Some(a.iter().copied().collect()),
+            _ => None,
+        }
+    }
+    macro_rules! try_read {
+        ($($t:ty),*) => {
+            $(
+                if let Ok(a) = ndarray::ArrayD::<$t>::read_npy(open()?) {
+                    let Some(v) = flat(a) else {
+                        bail!("{} must be a 1-D array of labels (n or n × 1)", path.display());
+                    };
+                    return v
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &x)| {
+                            let f = x as f64;
+                            if f.fract() == 0.0 && (0.0..=255.0).contains(&f) {
+                                Ok(f as u8)
+                            } else {
+                                bail!(
+                                    "{}: entry {i} = {f} is not a class label (an integer in 0..=255)",
+                                    path.display()
+                                )
+                            }
+                        })
+                        .collect();
+                }
+            )*
+        };
+    }
+    try_read!(i64, i32, i16, i8, u64, u32, u16, u8, f64, f32);
+    bail!(
+        "{} is not a .npy array of integer or float labels",
+        path.display()
+    )
 }
 
 /// Reads a 1-D float64 array.

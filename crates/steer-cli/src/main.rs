@@ -1,18 +1,20 @@
-//! The `steer` command line: sample, reference, eval, bench.
+//! The `steer` command line: sample, reference, eval, bench, train, data.
 
 mod bench;
 mod config;
+mod dataset;
 mod io;
 mod plot;
 mod reference;
 mod report;
+mod train;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use ndarray::Array1;
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 use steer::method::{GuidedSampler, Method, Urge, refine};
 use steer::schedule::TimeGrid;
 use steer::smc;
@@ -119,9 +121,63 @@ enum Command {
         #[arg(long, default_value = "out/bench")]
         out: PathBuf,
     },
+    /// Train a score network or a classifier on `.npy` data; write the model, loss curve and
+    /// a summary.
+    Train {
+        /// Training configuration (TOML; fields in docs/config.md, "steer train").
+        #[arg(long)]
+        config: PathBuf,
+        /// Output folder (written atomically; replaces a previous steer output); default
+        /// `out/<config file name without extension>`.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override a config field, e.g. `--set training.steps=2000`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Write a data set as `.npy` files (from local files only; nothing is downloaded).
+    Data {
+        #[command(subcommand)]
+        set: DataSet,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataSet {
+    /// scikit-learn's 8×8 handwritten digits: `images.npy` (n × 64 float64, pixel values
+    /// 0..16), `labels.npy` (n int64) and `class-<c>.npy` per digit.
+    Digits {
+        /// Output folder (written atomically; replaces a previous steer output).
+        #[arg(long)]
+        out: PathBuf,
+        /// `digits.csv.gz` (or an uncompressed copy); default: `$STEER_DIGITS`, then the
+        /// installed scikit-learn's copy, then `../shared/data/digits.csv.gz` from the current
+        /// folder and from the executable's workspace.
+        #[arg(long)]
+        source: Option<PathBuf>,
+    },
+}
+
+/// candle's defaults for this process, unless the user set them: one thread for its
+/// spinning element-wise pool (on busy cores it starves the workers; matrix products stay
+/// parallel through rayon), and the graph of first-order gradients kept (second-order
+/// gradients, as in Doob's gradient penalty, are only correct with it).
+#[allow(unsafe_code)]
+fn candle_defaults() {
+    for (key, value) in [
+        ("CANDLE_NUM_THREADS", "1"),
+        ("CANDLE_GRAD_DO_NOT_DETACH", "1"),
+    ] {
+        if std::env::var_os(key).is_none() {
+            // SAFETY: called first thing in `main`, before any other thread exists, so no
+            // thread can read the environment concurrently.
+            unsafe { std::env::set_var(key, value) };
+        }
+    }
 }
 
 fn main() -> ExitCode {
+    candle_defaults();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sample {
@@ -182,6 +238,13 @@ fn main() -> ExitCode {
             reference: reference.as_deref(),
             reference_samples,
         }),
+        Command::Train { config, out, set } => {
+            let out = out.unwrap_or_else(|| default_out(&config));
+            train::run(&config, &out, &set)
+        }
+        Command::Data {
+            set: DataSet::Digits { out, source },
+        } => dataset::digits(&out, source.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -249,6 +312,9 @@ fn sample(
     let plan = config
         .plan(&target)
         .with_context(|| format!("{}", config_path.display()))?;
+    let image = config
+        .image_shape(config_path, target.dim())
+        .with_context(|| format!("{}", config_path.display()))?;
     let reference =
         report::reference_samples(&target, &grid, reference, reference_samples, config.seed)?;
     let staging = io::Staging::new(out)?;
@@ -286,19 +352,96 @@ fn sample(
             "{} — {} particles, {} steps",
             config.method, config.particles, config.steps
         );
-        plot::samples_plot(
-            &staging.path("samples.png"),
-            run.samples.view(),
-            weighted,
-            reference.as_ref().map(|r| r.view()),
-            &title,
-        )?;
+        match image {
+            Some(shape) => images_plot(
+                &staging.path("samples.png"),
+                run.samples.view(),
+                weighted,
+                &shape,
+                &config.method,
+            )?,
+            None => plot::samples_plot(
+                &staging.path("samples.png"),
+                run.samples.view(),
+                weighted,
+                reference.as_ref().map(|r| r.view()),
+                &title,
+            )?,
+        }
         report::plot_trace(&staging.path("trace.png"), &run, &title)?;
     }
     let out = staging.commit()?;
     eprintln!("{}", report::one_line(&summary));
     eprintln!("wrote {}", out.display());
     Ok(())
+}
+
+/// Images shown by `samples.png` for image samples.
+const SHOWN_IMAGES: usize = 64;
+
+/// The rows of `samples` that `samples.png` shows: the first [`SHOWN_IMAGES`] of unweighted
+/// samples; for weighted ones, [`SHOWN_IMAGES`] draws by the normalised weights with the
+/// deterministic systematic points `u_j = (j + ½)/k` (no randomness: the same run gives the
+/// same picture), so a sample appears about `k·W_i` times.
+fn shown_rows(n: usize, log_weights: Option<ArrayView1<f64>>) -> Vec<usize> {
+    let k = n.min(SHOWN_IMAGES);
+    let Some(lw) = log_weights else {
+        return (0..k).collect();
+    };
+    let max = lw.fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+    let w: Vec<f64> = lw.iter().map(|&v| (v - max).exp()).collect();
+    let total: f64 = w.iter().sum();
+    let mut rows = Vec::with_capacity(k);
+    let (mut i, mut cumulative) = (0, w[0] / total);
+    for j in 0..k {
+        let u = (j as f64 + 0.5) / k as f64;
+        while cumulative < u && i + 1 < n {
+            i += 1;
+            cumulative += w[i] / total;
+        }
+        rows.push(i);
+    }
+    rows
+}
+
+/// `samples.png` for image samples: a grid of the rows [`shown_rows`] picks.
+fn images_plot(
+    path: &Path,
+    samples: ArrayView2<f64>,
+    log_weights: Option<ArrayView1<f64>>,
+    shape: &config::ImageShape,
+    method: &str,
+) -> Result<()> {
+    let rows = shown_rows(samples.nrows(), log_weights);
+    let shown: Array2<f64> = samples.select(Axis(0), &rows);
+    let range = shape.range.unwrap_or_else(|| {
+        let lo = shown.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = shown.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        (lo, hi)
+    });
+    let how = if log_weights.is_some() {
+        "drawn by weight"
+    } else {
+        "the first"
+    };
+    let short = |v: f64| {
+        let t = format!("{v:.3}");
+        t.trim_end_matches('0').trim_end_matches('.').to_string()
+    };
+    let title = format!(
+        "{method} — {} of {} samples ({how}); black {}, white {}",
+        rows.len(),
+        samples.nrows(),
+        short(range.0),
+        short(range.1)
+    );
+    plot::image_grid(
+        path,
+        shown.view(),
+        (shape.channels, shape.height, shape.width),
+        range,
+        &title,
+    )
 }
 
 fn eval(samples: &Path, log_weights: Option<&Path>, reference: &Path, seed: u64) -> Result<()> {
@@ -338,4 +481,49 @@ fn eval(samples: &Path, log_weights: Option<&Path>, reference: &Path, seed: u64)
     )?;
     println!("{}", serde_json::to_string_pretty(&metrics)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unweighted_images_are_the_first_ones() {
+        assert_eq!(shown_rows(100, None), (0..64).collect::<Vec<_>>());
+        assert_eq!(shown_rows(3, None), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn weighted_images_follow_the_weights() {
+        // Uniform weights over 128 samples: every other sample (u_j = (2j + 1)/128 falls in
+        // the cell of sample 2j).
+        let uniform = Array1::from_elem(128, -(128f64).ln());
+        let rows = shown_rows(128, Some(uniform.view()));
+        assert_eq!(rows, (0..64).map(|j| 2 * j).collect::<Vec<_>>());
+        // All the weight on sample 7 (the others −∞).
+        let mut one = Array1::from_elem(10, f64::NEG_INFINITY);
+        one[7] = 0.0;
+        assert_eq!(shown_rows(10, Some(one.view())), vec![7; 10]);
+        // Weights 3/4 and 1/4 on two of four samples: 48 and 16 copies.
+        let lw = Array1::from(vec![
+            0.75f64.ln(),
+            f64::NEG_INFINITY,
+            0.25f64.ln(),
+            f64::NEG_INFINITY,
+        ]);
+        let rows = shown_rows(4, Some(lw.view()));
+        assert_eq!(rows.len(), 4);
+        let lw = Array1::from_iter((0..100).map(|i| {
+            if i == 3 {
+                0.75f64.ln()
+            } else if i == 50 {
+                0.25f64.ln()
+            } else {
+                f64::NEG_INFINITY
+            }
+        }));
+        let rows = shown_rows(100, Some(lw.view()));
+        assert_eq!(rows.iter().filter(|&&r| r == 3).count(), 48);
+        assert_eq!(rows.iter().filter(|&&r| r == 50).count(), 16);
+    }
 }

@@ -203,6 +203,86 @@ pub fn series_plot(
     })
 }
 
+/// A grid of images, one per row of `images` (`channels × height × width` values,
+/// channel-major, each channel row-major), at most eight per row, under `title`.
+///
+/// One channel is drawn in grey scale, `range.0` black and `range.1` white (values outside
+/// are clipped); three channels as RGB on the same scale. Each pixel becomes a square block
+/// so that an image is about 96 pixels wide.
+pub fn image_grid(
+    path: &Path,
+    images: ArrayView2<f64>,
+    (channels, height, width): (usize, usize, usize),
+    range: (f64, f64),
+    title: &str,
+) -> Result<()> {
+    ensure!(
+        channels == 1 || channels == 3,
+        "images need 1 or 3 channels, got {channels}"
+    );
+    ensure!(
+        height > 0 && width > 0 && images.ncols() == channels * height * width,
+        "rows of {} values are not {channels} × {height} × {width} images",
+        images.ncols()
+    );
+    let n = images.nrows();
+    let cols = n.clamp(1, 8);
+    let rows = n.div_ceil(cols).max(1);
+    let block = (96 / height.max(width)).max(1) as u32;
+    let (tile_w, tile_h) = (block * width as u32, block * height as u32);
+    const GAP: u32 = 6;
+    const TITLE_BAND: u32 = 44;
+    let grid_w = cols as u32 * (tile_w + GAP) + GAP;
+    let size = (
+        grid_w.max(520),
+        TITLE_BAND + rows as u32 * (tile_h + GAP) + GAP,
+    );
+    let left = (size.0 - grid_w) / 2 + GAP;
+    let (lo, hi) = range;
+    let level = |v: f64| -> u8 {
+        let u = if hi > lo { (v - lo) / (hi - lo) } else { 0.5 };
+        (255.0 * u.clamp(0.0, 1.0)).round() as u8
+    };
+    render_png(path, size, |root| {
+        root.fill(&RGBColor(200, 200, 200))?;
+        root.draw(&Text::new(
+            title.to_string(),
+            (size.0 as i32 / 2, TITLE_BAND as i32 / 2),
+            TextStyle::from((FONT, PANEL_TITLE_SIZE).into_font())
+                .pos(Pos::new(HPos::Center, VPos::Center)),
+        ))?;
+        let plane = height * width;
+        for (k, image) in images.rows().into_iter().enumerate() {
+            let x0 = left + (k % cols) as u32 * (tile_w + GAP);
+            let y0 = TITLE_BAND + GAP + (k / cols) as u32 * (tile_h + GAP);
+            for r in 0..height {
+                for c in 0..width {
+                    let p = r * width + c;
+                    let color = if channels == 1 {
+                        let g = level(image[p]);
+                        RGBColor(g, g, g)
+                    } else {
+                        RGBColor(
+                            level(image[p]),
+                            level(image[plane + p]),
+                            level(image[2 * plane + p]),
+                        )
+                    };
+                    let (x, y) = (x0 + c as u32 * block, y0 + r as u32 * block);
+                    root.draw(&Rectangle::new(
+                        [
+                            (x as i32, y as i32),
+                            ((x + block) as i32, (y + block) as i32),
+                        ],
+                        color.filled(),
+                    ))?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 // ---------------------------------------------------------------------------
 // Samples.
 

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use ndarray::{Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 use rand_chacha::ChaCha8Rng;
 use steer::mcmc::{self, BaseLaw, LogDensity, TemperingConfig};
@@ -48,7 +48,12 @@ pub fn run(
                 serde_json::json!({ "method": "exact", "samples": samples, "log_normalizer": log_z }),
             )
         }
-        None => tempered(&target, &level, samples, args, config.seed)?,
+        None => {
+            let network_base = config
+                .network_tempering_base(config_path, &level)
+                .with_context(|| config_path.display().to_string())?;
+            tempered(&target, &level, network_base, samples, args, config.seed)?
+        }
     };
     io::write_file_atomically(out, |tmp| io::write_npy(tmp, &x))?;
     println!("{}", serde_json::to_string_pretty(&info)?);
@@ -122,11 +127,13 @@ impl BaseLaw for MixtureBase {
     }
 }
 
-/// Replica-exchange MALA from the first expert's mixture (at the sampler's data level) to
-/// `q̃_T`; split R̂ across chains tells whether the chains mixed.
+/// Replica-exchange MALA from the first expert's mixture (at the sampler's data level; for a
+/// network, `network_base`: the Gaussian of its data mean and scale) to `q̃_T`; split R̂
+/// across chains tells whether the chains mixed.
 fn tempered(
     target: &Target,
     level: &NoiseLevel,
+    network_base: Option<GaussianMixture>,
     samples: usize,
     args: &McmcArgs,
     seed: u64,
@@ -139,9 +146,13 @@ fn tempered(
     let base = target.experts()[0]
         .model
         .as_mixture()
-        .map(|m| MixtureBase(m.at_level(level)))
+        .map(|m| m.at_level(level))
+        .or(network_base)
+        .map(MixtureBase)
         .ok_or_else(|| {
-            anyhow!("MCMC references need a Gaussian-mixture first expert as the tempering base")
+            anyhow!(
+                "MCMC references need a Gaussian-mixture or network first expert as the tempering base"
+            )
         })?;
     let density = TerminalDensity {
         target,

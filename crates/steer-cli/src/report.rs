@@ -53,6 +53,7 @@ fn counts_json(c: &EvaluationCounts) -> Value {
         "reward_value": c.reward_value,
         "reward_gradient": c.reward_gradient,
         "reward_laplacian": c.reward_laplacian,
+        "vjp": c.vjp,
     })
 }
 
@@ -70,6 +71,15 @@ pub fn reference_samples(
         Some("exact") => {
             if count == 0 {
                 bail!("--reference-samples must be at least 1");
+            }
+            if let Some(e) = target
+                .experts()
+                .iter()
+                .position(|e| e.model.as_mixture().is_none())
+            {
+                bail!(
+                    "--reference exact: experts[{e}] is a learned model (not a Gaussian mixture), whose law has no closed form; pass a .npy of reference samples instead (held-out data, or `steer reference`, which runs tempered MALA on the network's log-density: slow)"
+                );
             }
             let law = target.exact_terminal_law(grid).ok_or_else(|| {
                 anyhow!(

@@ -1022,3 +1022,545 @@ fn bench_run_failure_names_the_run_and_leaves_no_output() {
     ]);
     case.assert_fails(&out, &["g-smc N=16 seed 3", "at step "]);
 }
+
+// ---------------------------------------------------------------------------------------
+// steer train, network experts, classifier rewards, image output, steer data.
+
+/// `steer` with `args`, run in `dir`.
+fn steer_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(STEER)
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run steer")
+}
+
+/// Writes a little-endian C-order `.npy` file of type `descr` (e.g. `<i8`) from raw bytes.
+fn write_npy_raw(path: &Path, descr: &str, shape: &[usize], payload: &[u8]) {
+    let shape_text = match shape {
+        [n] => format!("({n},)"),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(payload);
+    fs::write(path, bytes).expect("write npy");
+}
+
+/// The header of a `.npy` file (dtype and shape).
+fn npy_header(path: &Path) -> String {
+    let b = fs::read(path).unwrap_or_else(|_| panic!("{} missing", show(path)));
+    assert_eq!(&b[..6], b"\x93NUMPY");
+    let len = u16::from_le_bytes([b[8], b[9]]) as usize;
+    String::from_utf8_lossy(&b[10..10 + len]).into_owned()
+}
+
+/// Width and height of a PNG file.
+fn png_size(path: &Path) -> (u32, u32) {
+    let b = fs::read(path).unwrap_or_else(|_| panic!("{} missing", show(path)));
+    assert_eq!(&b[1..4], b"PNG");
+    let be = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    (be(16), be(20))
+}
+
+/// 2-D training data: 256 base samples of [`MIXTURE`], drawn by `steer sample`.
+fn mixture_data(dir: &Path) -> PathBuf {
+    fs::write(dir.join("mix.json"), MIXTURE).unwrap();
+    fs::write(
+        dir.join("gen.toml"),
+        r#"method = "base"
+particles = 256
+steps = 10
+seed = 1
+
+[schedule]
+kind = "vp-linear"
+
+[[experts]]
+model = { kind = "gmm", file = "mix.json" }
+
+[output]
+plots = false
+"#,
+    )
+    .unwrap();
+    let out = steer_in(dir, &["sample", "--config", "gen.toml", "--out", "gen"]);
+    assert_success(&out);
+    dir.join("gen/samples.npy")
+}
+
+const TRAIN_SCORE: &str = r#"data = "gen/samples.npy"
+
+[schedule]
+kind = "vp-linear"
+
+[architecture]
+hidden = 32
+blocks = 1
+
+[training]
+steps = 30
+batch = 64
+eval_every = 10
+"#;
+
+/// A score network trained once per test run on [`mixture_data`] (30 steps) and the
+/// folder it was trained in; shared by the tests below.
+fn trained_network() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("steer-cli-network");
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        mixture_data(&dir);
+        fs::write(dir.join("train.toml"), TRAIN_SCORE).unwrap();
+        let out = steer_in(&dir, &["train", "--config", "train.toml", "--out", "net"]);
+        assert_success(&out);
+        dir
+    })
+}
+
+/// A sampling config on the shared trained network (absolute path).
+fn network_config(extra: &str) -> String {
+    let model = trained_network().join("net/model.json");
+    format!(
+        r#"method = "g-smc"
+particles = 32
+steps = 10
+seed = 2
+
+[schedule]
+kind = "vp-linear"
+
+[[experts]]
+model = {{ kind = "network", file = '{}' }}
+{extra}"#,
+        model.display()
+    )
+}
+
+#[test]
+fn train_writes_the_model_loss_and_summary() {
+    let dir = trained_network().join("net");
+    for f in [
+        "model.json",
+        "model.safetensors",
+        "loss.csv",
+        "loss.png",
+        "summary.json",
+    ] {
+        let meta = fs::metadata(dir.join(f)).unwrap_or_else(|_| panic!("{f} missing"));
+        assert!(meta.len() > 0, "{f} is empty");
+    }
+    let model: Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("model.json")).unwrap()).unwrap();
+    assert_eq!(model["format"], "steer-network");
+    assert_eq!(model["dim"], 2);
+    assert_eq!(model["architecture"]["kind"], "mlp");
+    assert_eq!(model["architecture"]["hidden"], 32);
+    assert_eq!(model["weights"], "model.safetensors");
+    assert!(model["tau_min"].as_f64().unwrap() > 0.0);
+    let loss = fs::read_to_string(dir.join("loss.csv")).unwrap();
+    let lines: Vec<&str> = loss.lines().collect();
+    assert_eq!(lines[0], "step,train,heldout");
+    assert_eq!(lines.len(), 1 + 3, "one row every 10 of 30 steps");
+    assert!(lines[3].starts_with("30,"));
+    let summary = read_summary(&dir);
+    assert_eq!(summary["kind"], "score");
+    assert_eq!(summary["steps"], 30);
+    assert_eq!(summary["examples"], 256);
+    assert!(summary["examples_per_second"].as_f64().unwrap() > 0.0);
+    assert!(summary["final_heldout_loss"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn sample_from_a_trained_network() {
+    let case = Case::new();
+    // No schedule.tau_min: it defaults to the network's (τ = 0 would fail: σ = 0).
+    case.write(
+        "config.toml",
+        &network_config("\n[reward]\nkind = \"quadratic\"\ncentre = [2.0, 0.0]\nstrength = 0.5\n"),
+    );
+    let out = case.sample(&[]);
+    assert_success(&out);
+    assert!(npy_header(&case.out().join("samples.npy")).contains("(32, 2)"));
+    let summary = read_summary(&case.out());
+    assert_eq!(summary["dimension"], 2);
+    assert!(summary["log_normalizer"].as_f64().unwrap().is_finite());
+    // A scatter plot: the samples are not images.
+    assert_eq!(png_size(&case.out().join("samples.png")), (900, 700));
+    case.assert_no_leftovers();
+}
+
+#[test]
+fn image_samples_are_drawn_as_a_grid() {
+    let case = Case::new();
+    case.write(
+        "config.toml",
+        &network_config("\n[output]\nimage = [1, 2]\nimage_range = [-3, 3]\n"),
+    );
+    assert_success(&case.sample(&[]));
+    let (w, h) = png_size(&case.out().join("samples.png"));
+    // 32 images of 1 × 2 pixels (48-pixel blocks), 8 per row: 4 rows.
+    assert_eq!((w, h), (8 * (96 + 6) + 6, 44 + 4 * (48 + 6) + 6));
+}
+
+#[test]
+fn image_shape_must_match_the_dimension() {
+    let case = Case::new();
+    case.edit_config(|c| c + "\n[output]\nimage = [3, 3]\n");
+    case.assert_fails(&case.sample(&[]), &["output.image", "dimension 2"]);
+    case.edit_config(|c| c + "\n[output]\nimage_range = [0, 1]\n");
+    case.assert_fails(&case.sample(&[]), &["output.image_range"]);
+}
+
+#[test]
+fn exact_reference_is_refused_for_networks() {
+    let case = Case::new();
+    case.write("config.toml", &network_config(""));
+    case.assert_fails(
+        &case.sample(&["--reference", "exact"]),
+        &["--reference exact", "experts[0]", "no closed form"],
+    );
+}
+
+#[test]
+fn missing_network_file() {
+    let case = Case::new();
+    case.edit_config(|c| {
+        c.replace(
+            r#"kind = "gmm", file = "mix.json""#,
+            r#"kind = "network", file = "nowhere.json""#,
+        )
+    });
+    case.assert_fails(
+        &case.sample(&[]),
+        &["experts[0].model.file", "nowhere.json"],
+    );
+}
+
+#[test]
+fn network_and_reward_of_different_dimensions() {
+    let case = Case::new();
+    case.write(
+        "config.toml",
+        &network_config(
+            "\n[reward]\nkind = \"quadratic\"\ncentre = [1.0, 0.0, 0.0]\nstrength = 1.0\n",
+        ),
+    );
+    case.assert_fails(&case.sample(&[]), &["dimension mismatch", "reward.centre"]);
+}
+
+#[test]
+fn network_and_mixture_of_different_dimensions() {
+    let case = Case::new();
+    case.write(
+        "mix3.json",
+        r#"{"weights": [1.0], "means": [[0, 0, 0]], "isotropic": [1.0]}"#,
+    );
+    let model = trained_network().join("net/model.json");
+    case.edit_config(|c| {
+        let c = c
+            .replace("mix.json", "mix3.json")
+            .replace("centre = [2.0, 0.0]", "centre = [2.0, 0.0, 0.0]");
+        c + &format!(
+            "\n[[experts]]\nmodel = {{ kind = \"network\", file = '{}' }}\n",
+            model.display()
+        )
+    });
+    case.assert_fails(
+        &case.sample(&[]),
+        &["dimension mismatch", "experts[1].model.file"],
+    );
+}
+
+/// A folder with 2-D mixture data for `steer train`.
+fn train_case() -> Case {
+    let case = Case::new();
+    let x = samples(40, 2);
+    write_npy(&case.path("x.npy"), &[40, 2], &x);
+    case
+}
+
+impl Case {
+    /// `steer train --config <name> --out out`.
+    fn train(&self, config: &str, extra: &[&str]) -> Output {
+        Command::new(STEER)
+            .arg("train")
+            .arg("--config")
+            .arg(self.path(config))
+            .arg("--out")
+            .arg(self.out())
+            .args(extra)
+            .output()
+            .expect("run steer")
+    }
+}
+
+const TRAIN_TINY: &str =
+    "data = \"x.npy\"\n\n[schedule]\nkind = \"vp-linear\"\n\n[training]\nsteps = 5\n";
+
+#[test]
+fn train_with_a_missing_data_file() {
+    let case = train_case();
+    case.write("t.toml", &TRAIN_TINY.replace("x.npy", "absent.npy"));
+    case.assert_fails(&case.train("t.toml", &[]), &["`data`", "absent.npy"]);
+}
+
+#[test]
+fn train_with_an_unknown_field() {
+    let case = train_case();
+    case.write("t.toml", &(TRAIN_TINY.to_string() + "learning_rat = 0.1\n"));
+    case.assert_fails(&case.train("t.toml", &[]), &["learning_rat", "t.toml"]);
+    case.write("t.toml", &(TRAIN_TINY.to_string() + "stepz = 3\n"));
+    case.assert_fails(&case.train("t.toml", &[]), &["stepz"]);
+    case.write(
+        "t.toml",
+        &TRAIN_TINY.replace("[training]\n", "[training]\nepochs = 3\n"),
+    );
+    case.assert_fails(&case.train("t.toml", &[]), &["training.epochs", "score"]);
+}
+
+#[test]
+fn train_with_an_unknown_architecture_kind() {
+    let case = train_case();
+    case.write(
+        "t.toml",
+        &(TRAIN_TINY.to_string() + "\n[architecture]\nkind = \"transformer\"\n"),
+    );
+    case.assert_fails(
+        &case.train("t.toml", &[]),
+        &["architecture.kind", "transformer", "mlp or unet"],
+    );
+    case.write(
+        "t.toml",
+        &(TRAIN_TINY.to_string() + "\n[architecture]\nkind = \"unet\"\n"),
+    );
+    case.assert_fails(&case.train("t.toml", &[]), &["architecture.height"]);
+}
+
+#[test]
+fn train_with_bad_settings() {
+    let case = train_case();
+    case.assert_fails(
+        &case.train_with_set(&["training.steps=0"]),
+        &["training.steps"],
+    );
+    case.assert_fails(
+        &case.train_with_set(&["training.heldout_fraction=0.7"]),
+        &["training.heldout_fraction"],
+    );
+    case.assert_fails(
+        &case.train_with_set(&["schedule.eta=0.5"]),
+        &["schedule.eta"],
+    );
+    case.assert_fails(&case.train_with_set(&["kind=gan"]), &["kind", "gan"]);
+    case.write("t.toml", "data = \"x.npy\"\n");
+    case.assert_fails(&case.train("t.toml", &[]), &["[schedule]"]);
+}
+
+impl Case {
+    fn train_with_set(&self, sets: &[&str]) -> Output {
+        self.write("t.toml", TRAIN_TINY);
+        let extra: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
+        self.train("t.toml", &extra)
+    }
+}
+
+const TRAIN_CLASSIFIER: &str = "kind = \"classifier\"\ndata = \"x.npy\"\nlabels = \"y.npy\"\n\n[architecture]\nhidden = [8]\n\n[training]\nepochs = 3\n";
+
+#[test]
+fn classifier_labels_of_the_wrong_length() {
+    let case = train_case();
+    let labels: Vec<u8> = (0..39i64).flat_map(|i| (i % 2).to_le_bytes()).collect();
+    write_npy_raw(&case.path("y.npy"), "<i8", &[39], &labels);
+    case.write("t.toml", TRAIN_CLASSIFIER);
+    case.assert_fails(
+        &case.train("t.toml", &[]),
+        &["`labels`", "y.npy", "39 entries", "40 rows"],
+    );
+    // Non-integral labels.
+    write_npy(&case.path("y.npy"), &[40], &vec![0.5; 40]);
+    case.assert_fails(&case.train("t.toml", &[]), &["y.npy", "not a class label"]);
+    // A missing labels field.
+    case.write(
+        "t.toml",
+        &TRAIN_CLASSIFIER.replace("labels = \"y.npy\"\n", ""),
+    );
+    case.assert_fails(&case.train("t.toml", &[]), &["`labels` is required"]);
+}
+
+#[test]
+fn classifier_training_and_reward() {
+    let case = train_case();
+    // Labels: the sign of the first coordinate, as int64.
+    let x = samples(40, 2);
+    let labels: Vec<u8> = (0..40)
+        .flat_map(|i| i64::from(x[2 * i] > 0.0).to_le_bytes())
+        .collect();
+    write_npy_raw(&case.path("y.npy"), "<i8", &[40], &labels);
+    case.write("t.toml", TRAIN_CLASSIFIER);
+    assert_success(&case.train("t.toml", &[]));
+    let dir = case.out();
+    for f in [
+        "model.json",
+        "model.safetensors",
+        "loss.csv",
+        "loss.png",
+        "summary.json",
+    ] {
+        assert!(dir.join(f).exists(), "{f} missing");
+    }
+    let summary = read_summary(&dir);
+    assert_eq!(summary["kind"], "classifier");
+    assert_eq!(summary["classes"], 2);
+    assert!(summary["heldout_accuracy"].as_f64().is_some());
+    let loss = fs::read_to_string(dir.join("loss.csv")).unwrap();
+    assert_eq!(loss.lines().count(), 1 + 3, "header + one row per epoch");
+
+    // Steer the mixture towards class 1 with the classifier.
+    fs::rename(&dir, case.path("clf")).unwrap();
+    case.edit_config(|c| {
+        c.replace(
+            "kind = \"quadratic\"\ncentre = [2.0, 0.0]\nstrength = 0.5",
+            "kind = \"classifier\"\nfile = \"clf/model.json\"\nclass = 1\nscale = 2.0",
+        )
+    });
+    assert_success(&case.sample(&[]));
+    let summary = read_summary(&case.out());
+    assert!(
+        summary["search"]["best_reward"]
+            .as_f64()
+            .unwrap()
+            .is_finite()
+    );
+    fs::remove_dir_all(case.out()).unwrap();
+    // A class the classifier does not have.
+    case.assert_fails(
+        &case.sample(&["--set", "reward.class=5"]),
+        &["reward.class"],
+    );
+    // A missing classifier file.
+    case.assert_fails(
+        &case.sample(&["--set", "reward.file=\"gone.json\""]),
+        &["reward.file", "gone.json"],
+    );
+}
+
+/// A tiny digits file: `rows` lines of 64 pixels and a label.
+fn digits_csv(rows: usize) -> String {
+    (0..rows)
+        .map(|i| {
+            let mut v: Vec<String> = (0..64).map(|p| ((i + p) % 17).to_string()).collect();
+            v.push((i % 10).to_string());
+            v.join(",") + "\n"
+        })
+        .collect()
+}
+
+#[test]
+fn data_digits_writes_npy_files() {
+    let case = Case::new();
+    case.write("digits.csv", &digits_csv(12));
+    let out = steer_in(
+        case.dir.path(),
+        &["data", "digits", "--out", "out", "--source", "digits.csv"],
+    );
+    assert_success(&out);
+    let dir = case.out();
+    assert!(npy_header(&dir.join("images.npy")).contains("'<f8'"));
+    assert!(npy_header(&dir.join("images.npy")).contains("(12, 64)"));
+    assert!(npy_header(&dir.join("labels.npy")).contains("'<i8'"));
+    assert!(npy_header(&dir.join("labels.npy")).contains("(12,)"));
+    assert!(npy_header(&dir.join("class-1.npy")).contains("(2, 64)"));
+    assert!(npy_header(&dir.join("class-9.npy")).contains("(1, 64)"));
+    let summary = read_summary(&dir);
+    assert_eq!(summary["images"], 12);
+    assert_eq!(summary["source"], "digits.csv");
+    // Rerunning replaces the previous output.
+    assert_success(&steer_in(
+        case.dir.path(),
+        &["data", "digits", "--out", "out", "--source", "digits.csv"],
+    ));
+    case.assert_no_leftovers();
+}
+
+#[test]
+fn data_digits_from_the_shared_copy() {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/digits.csv.gz");
+    if !shared.exists() {
+        eprintln!("{} not found; skipping", show(&shared));
+        return;
+    }
+    let case = Case::new();
+    let out = Command::new(STEER)
+        .args(["data", "digits", "--out"])
+        .arg(case.out())
+        .arg("--source")
+        .arg(&shared)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    assert!(npy_header(&case.out().join("images.npy")).contains("(1797, 64)"));
+    assert_eq!(read_summary(&case.out())["images"], 1797);
+}
+
+#[test]
+fn data_digits_bad_sources() {
+    let case = Case::new();
+    let out = steer_in(
+        case.dir.path(),
+        &[
+            "data",
+            "digits",
+            "--out",
+            "out",
+            "--source",
+            "missing.csv.gz",
+        ],
+    );
+    case.assert_fails(&out, &["--source", "missing.csv.gz"]);
+    // A malformed file: the error names the file and the line.
+    case.write("bad.csv", &(digits_csv(2) + "1,2,3\n"));
+    let out = steer_in(
+        case.dir.path(),
+        &["data", "digits", "--out", "out", "--source", "bad.csv"],
+    );
+    case.assert_fails(&out, &["bad.csv", "3"]);
+}
+
+#[test]
+fn data_digits_from_the_environment() {
+    let case = Case::new();
+    let source = case.write("digits.csv", &digits_csv(3));
+    let out = Command::new(STEER)
+        .args(["data", "digits", "--out"])
+        .arg(case.out())
+        .env("STEER_DIGITS", &source)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    assert_eq!(read_summary(&case.out())["images"], 3);
+    fs::remove_dir_all(case.out()).unwrap();
+    let out = Command::new(STEER)
+        .args(["data", "digits", "--out"])
+        .arg(case.out())
+        .env("STEER_DIGITS", case.path("absent.csv.gz"))
+        .output()
+        .unwrap();
+    case.assert_fails(&out, &["STEER_DIGITS", "absent.csv.gz"]);
+}
