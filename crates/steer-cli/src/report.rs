@@ -220,12 +220,25 @@ fn search(target: &Target, run: &Run) -> Result<Value> {
     )?;
     let best = (0..n).fold(0, |b, i| if r[i] > r[b] { i } else { b });
     let w = run.log_weights.mapv(f64::exp);
-    Ok(json!({
+    let mut out = json!({
         "best_reward": r[best],
         "best_index": best,
         "best_sample": run.samples.row(best).to_vec(),
         "mean_reward": w.dot(&r),
-    }))
+    });
+    if let Some(c) = target.reward().and_then(|r| r.as_class_reward()) {
+        // The weighted fraction of samples the classifier assigns to the steered class.
+        let predicted = c.classifier.predict(run.samples.view())?;
+        let accuracy: f64 = predicted
+            .iter()
+            .zip(&w)
+            .filter(|(p, _)| **p as usize == c.class)
+            .map(|(_, w)| w)
+            .sum();
+        out["class"] = json!(c.class);
+        out["class_accuracy"] = json!(accuracy);
+    }
+    Ok(out)
 }
 
 /// Metrics of a run's weighted samples against reference samples `y` of the target:

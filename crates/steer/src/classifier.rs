@@ -863,6 +863,9 @@ impl ClassReward {
 }
 
 impl Reward for ClassReward {
+    fn as_class_reward(&self) -> Option<&ClassReward> {
+        Some(self)
+    }
     fn dim(&self) -> usize {
         self.classifier.input_dim()
     }

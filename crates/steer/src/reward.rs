@@ -51,6 +51,12 @@ pub trait Reward: Send + Sync + std::fmt::Debug {
     fn closed_form(&self) -> Option<RewardForm<'_>> {
         None
     }
+
+    /// The reward as a classifier reward `λ log p(c | x)`, when it is one (enables the
+    /// class-accuracy metric).
+    fn as_class_reward(&self) -> Option<&crate::classifier::ClassReward> {
+        None
+    }
 }
 
 /// Linear reward `r(x) = aᵀ x`.
