@@ -196,17 +196,9 @@ impl<'a> DriftLite<'a> {
                 // One forward pass gives the score and, by one VJP per probe, the estimate.
                 let (probes, probe) = hutchinson.expect("autodiff implies Hutchinson");
                 let z = hutchinson_probes(n, d, probes, probe, rng);
-                let mut forms = Array2::zeros((probes, n));
-                target.expert_quadratic_forms(
-                    e,
-                    &level,
-                    x.view(),
-                    z.view(),
-                    b.scores[e].view_mut(),
-                    forms.view_mut(),
-                )?;
+                b.divergences[e] =
+                    vjp_divergence(target, e, &level, x, &z, b.scores[e].view_mut())?;
                 check_finite(&b.scores[e], k, "score")?;
-                b.divergences[e] = forms.mean_axis(Axis(0)).expect("at least one probe");
                 continue;
             }
             target.expert_score(
@@ -224,18 +216,11 @@ impl<'a> DriftLite<'a> {
                 continue;
             };
             if autodiff {
+                // ECG also needs the log-density, so the score came from `expert_score`; the
+                // VJP pass recomputes it into a scratch buffer.
                 let z = hutchinson_probes(n, d, probes, probe, rng);
-                let mut forms = Array2::zeros((probes, n));
-                let mut score = Array2::zeros((n, d));
-                target.expert_quadratic_forms(
-                    e,
-                    &level,
-                    x.view(),
-                    z.view(),
-                    score.view_mut(),
-                    forms.view_mut(),
-                )?;
-                b.divergences[e] = forms.mean_axis(Axis(0)).expect("at least one probe");
+                let mut scratch = Array2::zeros((n, d));
+                b.divergences[e] = vjp_divergence(target, e, &level, x, &z, scratch.view_mut())?;
             } else {
                 let x = x.view();
                 b.divergences[e] =
@@ -664,6 +649,21 @@ pub fn refine(
     run.evaluations = total_evaluations.expect("passes ≥ 1");
     run.wall_time = wall;
     Ok(run)
+}
+
+/// Hutchinson's `∇·s_e` from probes `z` (`P × N × d`) by one vector-Jacobian product per
+/// probe (MATH.md §5.7); the score of expert `e` is written to `score`.
+fn vjp_divergence(
+    target: &Target,
+    e: usize,
+    level: &crate::model::NoiseLevel,
+    x: &Array2<f64>,
+    z: &ndarray::Array3<f64>,
+    score: ndarray::ArrayViewMut2<f64>,
+) -> Result<Array1<f64>> {
+    let mut forms = Array2::zeros((z.len_of(Axis(0)), x.nrows()));
+    target.expert_quadratic_forms(e, level, x.view(), z.view(), score, forms.view_mut())?;
+    Ok(forms.mean_axis(Axis(0)).expect("at least one probe"))
 }
 
 fn add_counts(

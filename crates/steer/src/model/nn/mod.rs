@@ -428,10 +428,7 @@ impl ScoreModel for Network {
         } else {
             epsilon(&self.net, &y, &self.lambda(n, lambda)?)?
         };
-        let eps = eps.flatten_all()?.to_vec1::<f32>()?;
-        for (o, e) in out.score.iter_mut().zip(&eps) {
-            *o = -(*e as f64) / level.sigma;
-        }
+        write_score(&eps, level, out.score.view_mut())?;
         if let Some(mut lp) = out.log_density {
             let shift = d as f64 * (level.alpha * self.spec.data_scale).ln();
             for (o, v) in lp
@@ -461,7 +458,7 @@ impl ScoreModel for Network {
         level: &NoiseLevel,
         x: ArrayView2<f64>,
         probes: ArrayView3<f64>,
-        mut score: ArrayViewMut2<f64>,
+        score: ArrayViewMut2<f64>,
         mut forms: ArrayViewMut2<f64>,
     ) -> Result<()> {
         let (lambda, div_factor) = self.ratio(level)?;
@@ -471,9 +468,7 @@ impl ScoreModel for Network {
             .map(|z| self.tensor(z))
             .collect::<Result<Vec<_>>>()?;
         let (eps, fs) = self.epsilon_forms(&y, lambda, &probes)?;
-        for (o, e) in score.iter_mut().zip(eps.flatten_all()?.to_vec1::<f32>()?) {
-            *o = -(e as f64) / level.sigma;
-        }
+        write_score(&eps, level, score)?;
         for (mut row, f) in forms.axis_iter_mut(Axis(0)).zip(fs) {
             for (o, v) in row.iter_mut().zip(f.to_vec1::<f32>()?) {
                 *o = -(v as f64) * div_factor;
@@ -481,6 +476,14 @@ impl ScoreModel for Network {
         }
         Ok(())
     }
+}
+
+/// The score `s = −ε̂/σ` (MATH.md §1.4) from the predicted noise `eps` (`n × d`).
+fn write_score(eps: &Tensor, level: &NoiseLevel, mut score: ArrayViewMut2<f64>) -> Result<()> {
+    for (o, e) in score.iter_mut().zip(eps.flatten_all()?.to_vec1::<f32>()?) {
+        *o = -(e as f64) / level.sigma;
+    }
+    Ok(())
 }
 
 /// Mean and scale `(m, s)` that standardise `data` (`s²` = mean per-dimension variance).
