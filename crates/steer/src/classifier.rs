@@ -256,7 +256,7 @@ impl Classifier {
         let start = Instant::now();
         validate_training(x, labels, classes, cfg)?;
         let (n, d) = x.dim();
-        let (mean, scale) = fit_standardisation(x);
+        let (mean, scale) = crate::model::nn::standardisation(x);
         let streams = Streams::new(seed).keyed(Purpose::Other);
         let device = Device::Cpu;
         let vars = candle_vars(
@@ -1060,25 +1060,6 @@ fn initial_layers(
             }
         })
         .collect()
-}
-
-/// Input standardisation fitted to `x`: the column means `μ` and the root mean square `s`
-/// of `x − μ` over all entries (`1` for constant data).
-fn fit_standardisation(x: ArrayView2<f64>) -> (Array1<f64>, f64) {
-    let mean = x.mean_axis(Axis(0)).expect("n ≥ 1");
-    let mut squares = 0.0;
-    Zip::from(x.rows()).for_each(|row| {
-        squares += Zip::from(&row)
-            .and(&mean)
-            .fold(0.0, |acc, &a, &m| acc + (a - m) * (a - m));
-    });
-    let mean_square = squares / x.len() as f64;
-    let scale = if mean_square > 0.0 {
-        mean_square.sqrt()
-    } else {
-        1.0
-    };
-    (mean, scale)
 }
 
 /// The `f32` candle variables `(W, b)` of every layer, initialised from `layers`.

@@ -22,6 +22,7 @@
 //! probability-flow ODE `dy/dλ = ε̂(y, λ)` up to the largest trained `λ`, where the marginal
 //! is `N(0, (1+λ²) I)` to `O(λ⁻²)`, accumulating `∫ ∇_y·ε̂ dλ` ([`LogDensityOptions`]).
 
+pub(crate) mod fit;
 mod layers;
 mod train;
 
@@ -180,41 +181,15 @@ impl Network {
 
     /// Loads a network from its JSON description (the weights file sits beside it).
     pub fn load(json: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(json)
-            .map_err(|e| Error::file(json, None, format!("cannot read: {e}")))?;
-        let spec: NetworkSpec = serde_json::from_str(&text).map_err(|e| {
-            Error::file(
-                json,
-                Some(e.line()),
-                format!("not a network description: {e}"),
-            )
-        })?;
-        let weights = json.with_file_name(&spec.weights);
-        let params = candle_core::safetensors::load(&weights, &device())
-            .map_err(|e| Error::file(&weights, None, format!("cannot load weights: {e}")))?;
-        Self::from_parts(spec, params).map_err(|e| match e {
-            Error::File { .. } => e,
-            other => Error::file(json, None, other.to_string()),
-        })
+        let (spec, params) =
+            fit::load::<NetworkSpec>(json, "network description", |s| &s.weights, &device())?;
+        Self::from_parts(spec, params).map_err(|e| fit::in_file(json, e))
     }
 
     /// Saves the weights as `<stem>.safetensors` and the description as `json`; returns the
     /// weights path.
     pub fn save(&self, json: &Path) -> Result<PathBuf> {
-        let stem = json
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .ok_or_else(|| Error::file(json, None, "has no file name"))?;
-        let weights_name = format!("{stem}.safetensors");
-        let weights = json.with_file_name(&weights_name);
-        candle_core::safetensors::save(&self.params, &weights)
-            .map_err(|e| Error::file(&weights, None, format!("cannot write: {e}")))?;
-        let mut spec = self.spec.clone();
-        spec.weights = weights_name;
-        let text = serde_json::to_string_pretty(&spec).expect("a description serialises");
-        std::fs::write(json, text + "\n")
-            .map_err(|e| Error::file(json, None, format!("cannot write: {e}")))?;
-        Ok(weights)
+        fit::save(json, &self.params, &self.spec, |s, w| s.weights = w)
     }
 
     /// The description.
@@ -486,12 +461,15 @@ fn write_score(eps: &Tensor, level: &NoiseLevel, mut score: ArrayViewMut2<f64>) 
     Ok(())
 }
 
-/// Mean and scale `(m, s)` that standardise `data` (`s²` = mean per-dimension variance).
+/// Mean and scale `(m, s)` that standardise `data` (`s²` = mean per-dimension variance;
+/// `s = 1` for constant data, which only need centring). Every network steer trains (score
+/// networks, learned h-functions, classifiers) standardises its inputs this way.
 pub fn standardisation(data: ArrayView2<f64>) -> (Array1<f64>, f64) {
     let mean = data.mean_axis(Axis(0)).expect("non-empty data");
     let centred: Array2<f64> = &data - &mean;
     let var = centred.mapv(|v| v * v).mean().unwrap_or(1.0);
-    (mean, var.sqrt().max(1e-12))
+    let scale = if var > 0.0 { var.sqrt() } else { 1.0 };
+    (mean, scale)
 }
 
 #[cfg(test)]

@@ -8,16 +8,16 @@
 //! EMA weights every `eval_every` steps. Every random draw (initial weights, minibatches,
 //! times, noise) comes from the explicit seed, so training is deterministic on the CPU.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_core::Tensor;
+use candle_nn::{VarBuilder, VarMap};
 use ndarray::{Array2, ArrayView2, Axis};
 use rand::RngExt;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+use super::fit::{self, Fit, Init};
 use super::layers::{DTYPE, Net, device};
 use super::{Architecture, FORMAT, Network, NetworkSpec, epsilon, standardisation};
 use crate::error::{Error, Result};
@@ -164,35 +164,19 @@ pub struct TrainingSummary {
     pub history: Vec<LossPoint>,
 }
 
-/// Deterministic initial weights: for each parameter in name order, weights of fan-in `f`
-/// uniform on `±√(3/f)` (unit gain), biases zero, normalisation scales one, and the output
-/// layer zero (so the untrained network is the exact answer for standard normal data).
+/// Deterministic initial weights: fan-in uniform weights of unit gain, biases zero,
+/// normalisation scales one, and the output layer zero (so the untrained network is the exact
+/// answer for standard normal data).
 fn initialise(varmap: &VarMap, streams: &Streams) -> Result<()> {
-    let data = varmap
-        .data()
-        .lock()
-        .expect("the variable map is not poisoned");
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for (index, name) in names.into_iter().enumerate() {
-        let var = &data[name];
-        let dims = var.dims().to_vec();
-        let count: usize = dims.iter().product();
-        let values: Vec<f32> = if name.starts_with("out.") || name.ends_with(".bias") {
-            vec![0.0; count]
+    fit::initialise(varmap, streams, |name, dims| {
+        if name.starts_with("out.") || name.ends_with(".bias") {
+            Init::Constant(0.0)
         } else if dims.len() == 1 {
-            vec![1.0; count]
+            Init::Constant(1.0)
         } else {
-            let fan_in: usize = dims[1..].iter().product();
-            let bound = (3.0 / fan_in as f64).sqrt();
-            let mut rng = streams.rng(Purpose::Init, 0, index);
-            (0..count)
-                .map(|_| (rng.random_range(-bound..bound)) as f32)
-                .collect()
-        };
-        var.set(&Tensor::from_vec(values, dims, var.device())?)?;
-    }
-    Ok(())
+            Init::FanIn
+        }
+    })
 }
 
 /// A batch of standardised noisy inputs with their noise and ratios.
@@ -284,90 +268,36 @@ pub fn train(
     let vb = VarBuilder::from_varmap(&varmap, DTYPE, &device);
     let net = Net::new(&cfg.architecture, dim, vb)?;
     initialise(&varmap, &streams)?;
-    let mut vars: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .expect("the variable map is not poisoned")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut ema: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().detach()).collect();
-    let mut opt = AdamW::new(
-        vars.iter().map(|(_, v)| v.clone()).collect(),
-        ParamsAdamW {
-            lr: cfg.learning_rate,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
+    let mut fit = Fit::new(
+        &varmap,
+        cfg.learning_rate,
+        cfg.warmup,
+        cfg.steps,
+        cfg.ema_decay,
     )?;
-
-    let ema_params = |ema: &[Tensor]| -> HashMap<String, Tensor> {
-        vars.iter()
-            .zip(ema)
-            .map(|((k, _), t)| (k.clone(), t.clone()))
-            .collect()
-    };
-    let mut history = Vec::new();
-    let (mut running, mut count) = (0.0, 0usize);
     let mut rows = vec![0usize; cfg.batch];
     let train_n = train_data.nrows();
     for step in 0..cfg.steps {
-        let warm = ((step + 1) as f64 / cfg.warmup.max(1) as f64).min(1.0);
-        let progress_frac = step as f64 / cfg.steps as f64;
-        let decay = 0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress_frac).cos());
-        opt.set_learning_rate(cfg.learning_rate * warm * decay);
         let mut rng = streams.rng(Purpose::Other, step + 1, 0);
         for r in rows.iter_mut() {
             *r = rng.random_range(0..train_n);
         }
         let batch = noised(&train_data, &rows, cfg, scale, &mut rng, &device)?;
-        let l = loss(&net, &batch)?;
-        let lv = l.to_scalar::<f32>()? as f64;
-        if !lv.is_finite() {
-            return Err(Error::NonFinite {
-                step,
-                what: "training loss",
-                particle: 0,
-            });
-        }
-        opt.backward_step(&l)?;
-        // A short-horizon average at the start, so early weights do not linger.
-        let decay = cfg
-            .ema_decay
-            .min((1.0 + step as f64) / (10.0 + step as f64));
-        for (e, (_, v)) in ema.iter_mut().zip(&vars) {
-            *e = ((&*e * decay)? + (v.as_tensor() * (1.0 - decay))?)?.detach();
-        }
-        running += lv;
-        count += 1;
+        fit.step(step, &loss(&net, &batch)?, "training loss")?;
         if (step + 1) % cfg.eval_every == 0 || step + 1 == cfg.steps {
             let heldout = match &heldout {
                 Some(b) => {
-                    let params = ema_params(&ema);
-                    let vb = VarBuilder::from_tensors(params, DTYPE, &device);
+                    let vb = VarBuilder::from_tensors(fit.ema_params(), DTYPE, &device);
                     let ema_net = Net::new(&cfg.architecture, dim, vb)?;
                     Some(loss(&ema_net, b)?.to_scalar::<f32>()? as f64)
                 }
                 None => None,
             };
-            let point = LossPoint {
-                step: step + 1,
-                train: running / count as f64,
-                heldout,
-            };
-            history.push(point);
-            progress(&TrainProgress {
-                step: step + 1,
-                steps: cfg.steps,
-                loss: point,
-            });
-            running = 0.0;
-            count = 0;
+            fit.record(step + 1, heldout, &mut progress);
         }
     }
 
-    let params = ema_params(&ema);
+    let (params, history) = fit.finish();
     let parameters = params.values().map(|t| t.elem_count()).sum();
     let (lo, hi) = ratio_range(cfg, scale);
     let seconds = start.elapsed().as_secs_f64();
