@@ -10,10 +10,12 @@
 //! needs nothing but the level and `x`, so an exact closed form ([`ExactH`], §11.6) and a
 //! learned network (§7.3) plug into the same samplers: [`crate::method::Doob`] (unweighted
 //! guidance) and URGE's Doob proposal and twist ([`crate::method::Proposal::Doob`],
-//! [`crate::method::Twist::Doob`], §7.5). A learned `ĥ` is post-processed by a [`Clip`]
+//! [`crate::method::Twist::Doob`], §7.5), and DriftLite on the Doob path
+//! ([`crate::method::DriftLite::with_doob`]), which also needs the Laplacian `Δlog h`
+//! ([`HLaplacian`]). A learned `ĥ` is post-processed by a [`Clip`]
 //! (§7.4) before it is used.
 
-use ndarray::{Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Zip};
+use ndarray::{Array1, Array2, ArrayView2, ArrayView3, ArrayViewMut1, ArrayViewMut2, Zip};
 
 use crate::error::{Error, Result};
 use crate::exact::ExactLaw;
@@ -50,6 +52,58 @@ pub trait HFunction: Send + Sync + std::fmt::Debug {
     /// Doob sampler starts exactly there instead of at `p⃖_0`.
     fn tilted_law(&self) -> Option<&GaussianMixture> {
         None
+    }
+}
+
+/// An h-function that also gives its Laplacian `Δlog h = ∇·∇log h`, which DriftLite on the
+/// Doob path needs for the potential and the basis potential of `∇log h`
+/// ([`crate::method::DriftLite::with_doob`]; MATH.md §4.3 with `ρ = log h`).
+///
+/// A separate trait rather than a defaulted [`HFunction`] method, so that an h-function
+/// without a Laplacian is refused when the sampler is built, not at its first step.
+pub trait HLaplacian: HFunction {
+    /// Whether [`HLaplacian::evaluate_with_laplacian`] estimates `Δlog h` from random probes
+    /// (Hutchinson) rather than computing it exactly; only then must the caller pass at least
+    /// one probe.
+    fn laplacian_uses_probes(&self) -> bool {
+        false
+    }
+
+    /// `log h` (when requested), `∇log h` and `Δlog h` at `level` for every row of `x`
+    /// (`laplacian`: `N` values), in one pass.
+    ///
+    /// `probes` (`P × N × d`, `E[z zᵀ] = I`, row `i`'s probes in `probes[.., i, ..]`) are the
+    /// randomness of a Hutchinson estimate `(1/P) Σ_p z_pᵀ ∇²log h z_p` when the
+    /// implementation estimates the trace ([`HLaplacian::laplacian_uses_probes`]); exact
+    /// implementations ignore them (pass `P = 0`). Values must be finite.
+    fn evaluate_with_laplacian(
+        &self,
+        level: &NoiseLevel,
+        x: ArrayView2<f64>,
+        probes: ArrayView3<f64>,
+        out: HOutput<'_>,
+        laplacian: ArrayViewMut1<f64>,
+    ) -> Result<()>;
+
+    /// `log h` alone at `level` for every row of `x` (`log_h`: `N` values); the Doob path
+    /// needs `log ĥ_{t_{k+1}}(x_k)` without its gradient. The default calls
+    /// [`HFunction::evaluate`] with a scratch gradient; a network overrides it with a
+    /// forward pass only.
+    fn evaluate_log_h(
+        &self,
+        level: &NoiseLevel,
+        x: ArrayView2<f64>,
+        log_h: ArrayViewMut1<f64>,
+    ) -> Result<()> {
+        let mut scratch = Array2::zeros(x.dim());
+        self.evaluate(
+            level,
+            x,
+            HOutput {
+                log_h: Some(log_h),
+                grad_log_h: scratch.view_mut(),
+            },
+        )
     }
 }
 
@@ -263,44 +317,78 @@ impl HFunction for ExactH {
     }
 
     fn evaluate(&self, level: &NoiseLevel, x: ArrayView2<f64>, out: HOutput<'_>) -> Result<()> {
+        self.evaluate_parts(level, x, out, None)
+    }
+}
+
+impl HLaplacian for ExactH {
+    /// Exact: `Δlog h = ∇·s^r_τ − ∇·s_τ`, the difference of the two mixtures' exact score
+    /// divergences (MATH.md §1.5); `probes` are ignored.
+    fn evaluate_with_laplacian(
+        &self,
+        level: &NoiseLevel,
+        x: ArrayView2<f64>,
+        _probes: ArrayView3<f64>,
+        out: HOutput<'_>,
+        laplacian: ArrayViewMut1<f64>,
+    ) -> Result<()> {
+        self.evaluate_parts(level, x, out, Some(laplacian))
+    }
+}
+
+impl ExactH {
+    /// `log h = log Z_r + log p^r_τ − log p_τ`, `∇log h = s^r_τ − s_τ` and, when asked,
+    /// `Δlog h = ∇·s^r_τ − ∇·s_τ`: one evaluation of each noised mixture.
+    fn evaluate_parts(
+        &self,
+        level: &NoiseLevel,
+        x: ArrayView2<f64>,
+        out: HOutput<'_>,
+        laplacian: Option<ArrayViewMut1<f64>>,
+    ) -> Result<()> {
         let n = x.nrows();
         let HOutput {
-            log_h,
+            mut log_h,
             mut grad_log_h,
         } = out;
+        if let Some(l) = &laplacian
+            && l.len() != n
+        {
+            return Err(Error::Dimension {
+                context: "Laplacian buffer of the exact h-function".into(),
+                expected: n,
+                found: l.len(),
+            });
+        }
+        let want_log_h = log_h.is_some();
         let mut base_score = Array2::zeros(x.dim());
-        let mut log_p = ndarray::Array1::zeros(n);
+        let mut log_p = Array1::zeros(if want_log_h { n } else { 0 });
+        let mut base_div = Array1::zeros(if laplacian.is_some() { n } else { 0 });
         self.base.noised(level).evaluate(
             x,
             ScoreOutput {
                 score: base_score.view_mut(),
-                log_density: log_h.is_some().then(|| log_p.view_mut()),
-                divergence: None,
+                log_density: want_log_h.then(|| log_p.view_mut()),
+                divergence: laplacian.is_some().then(|| base_div.view_mut()),
             },
         )?;
-        match log_h {
-            Some(mut log_h) => {
-                self.tilted.noised(level).evaluate(
-                    x,
-                    ScoreOutput {
-                        score: grad_log_h.view_mut(),
-                        log_density: Some(log_h.view_mut()),
-                        divergence: None,
-                    },
-                )?;
-                let log_z = self.log_normalizer;
-                Zip::from(&mut log_h)
-                    .and(&log_p)
-                    .for_each(|h, &p| *h += log_z - p);
-            }
-            None => self.tilted.noised(level).evaluate(
-                x,
-                ScoreOutput {
-                    score: grad_log_h.view_mut(),
-                    log_density: None,
-                    divergence: None,
-                },
-            )?,
+        let mut laplacian = laplacian;
+        self.tilted.noised(level).evaluate(
+            x,
+            ScoreOutput {
+                score: grad_log_h.view_mut(),
+                log_density: log_h.as_mut().map(|l| l.view_mut()),
+                divergence: laplacian.as_mut().map(|l| l.view_mut()),
+            },
+        )?;
+        if let Some(log_h) = log_h.as_mut() {
+            let log_z = self.log_normalizer;
+            Zip::from(log_h)
+                .and(&log_p)
+                .for_each(|h, &p| *h += log_z - p);
+        }
+        if let Some(l) = laplacian.as_mut() {
+            *l -= &base_div;
         }
         grad_log_h -= &base_score;
         Ok(())

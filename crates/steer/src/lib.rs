@@ -61,6 +61,7 @@
 pub mod classifier;
 pub mod data;
 pub mod doob;
+pub mod doob_net;
 pub mod error;
 pub mod exact;
 pub mod linalg;

@@ -8,7 +8,7 @@ use ndarray::{Array1, Array2, ArrayView2, ArrayView3, ArrayViewMut1, ArrayViewMu
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
-use crate::doob::{HFunction, HOutput};
+use crate::doob::{HFunction, HLaplacian, HOutput};
 use crate::error::{Error, Result};
 use crate::exact::ExactLaw;
 use crate::model::{GaussianMixture, NoiseLevel, ScoreModel, ScoreOutput};
@@ -381,6 +381,75 @@ impl Target {
             crate::smc::check_finite(v, step, "log h")?;
         }
         crate::smc::check_finite(&grad_log_h, step, "h-function gradient")
+    }
+
+    /// An h-function's `log h`, `∇log h` and Laplacian `Δlog h` at `level`
+    /// ([`HLaplacian::evaluate_with_laplacian`], with Hutchinson `probes` where it needs
+    /// them), counted as one h-function evaluation per row; a non-finite value is
+    /// [`Error::NonFinite`] at `step`.
+    pub fn h_function_laplacian(
+        &self,
+        h: &dyn HLaplacian,
+        level: &NoiseLevel,
+        x: ArrayView2<f64>,
+        probes: ArrayView3<f64>,
+        out: HOutput<'_>,
+        mut laplacian: ArrayViewMut1<f64>,
+        step: usize,
+    ) -> Result<()> {
+        if h.dim() != self.dim {
+            return Err(Error::Dimension {
+                context: "h-function (must match the experts)".into(),
+                expected: self.dim,
+                found: h.dim(),
+            });
+        }
+        self.evaluations
+            .h_function
+            .fetch_add(x.nrows() as u64, Ordering::Relaxed);
+        let HOutput {
+            mut log_h,
+            mut grad_log_h,
+        } = out;
+        h.evaluate_with_laplacian(
+            level,
+            x,
+            probes,
+            HOutput {
+                log_h: log_h.as_mut().map(|v| v.view_mut()),
+                grad_log_h: grad_log_h.view_mut(),
+            },
+            laplacian.view_mut(),
+        )?;
+        if let Some(v) = &log_h {
+            crate::smc::check_finite(v, step, "log h")?;
+        }
+        crate::smc::check_finite(&grad_log_h, step, "h-function gradient")?;
+        crate::smc::check_finite(&laplacian, step, "h-function Laplacian")
+    }
+
+    /// An h-function's `log h` alone at `level` ([`HLaplacian::evaluate_log_h`]), counted as
+    /// one h-function evaluation per row; a non-finite value is [`Error::NonFinite`] at `step`.
+    pub fn h_function_log_h(
+        &self,
+        h: &dyn HLaplacian,
+        level: &NoiseLevel,
+        x: ArrayView2<f64>,
+        mut log_h: ArrayViewMut1<f64>,
+        step: usize,
+    ) -> Result<()> {
+        if h.dim() != self.dim {
+            return Err(Error::Dimension {
+                context: "h-function (must match the experts)".into(),
+                expected: self.dim,
+                found: h.dim(),
+            });
+        }
+        self.evaluations
+            .h_function
+            .fetch_add(x.nrows() as u64, Ordering::Relaxed);
+        h.evaluate_log_h(level, x, log_h.view_mut())?;
+        crate::smc::check_finite(&log_h, step, "log h")
     }
 
     /// `log q̃_t(x) = Σ_e γ_e log p_e(x) + β r(x)` at `level` for every row; needs log-densities.

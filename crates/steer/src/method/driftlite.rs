@@ -13,21 +13,54 @@
 //! (`∇·B = ∇·s_e`, `χ = log p_e`) and the forward drift `−f̄ x` (`∇·B = −f̄ d`,
 //! `χ = −f̄|x|²/2`; absent under VE). The solve is ridge-regularised with Jacobi scaling
 //! (§5.6). Iterative refinement (§5.10) runs several passes, each fitting a correction on top
-//! of the previous pass's `θ`.
+//! of the previous pass's `θ`. [`Control::None`] fits nothing (`θ = 0`): G-SMC (§4.4) on the
+//! same path.
+//!
+//! # The Doob path ([`DriftLite::with_doob`])
+//! The reward path `q̃_t = Π_e p⃖_{e,t}^{γ_e} e^{β_t r}` (§2.2) may be replaced by any path
+//! `Π_e p⃖_{e,t}^{γ_e} e^{ρ_t}` that ends at `ρ_T = r`: the master form of §4.2 holds for a
+//! general `ρ_t` with `β_t r → ρ_t`,
+//! `G = ∂_t ρ − (Γ − 1) f d + f x·∇ρ + ½U⃖² (Δρ + |S|² − Σ_e γ_e |s_e|²)` with
+//! `S = Σ_e γ_e s_e + ∇ρ`. With an h-function `ĥ` (§7), the Doob path takes
+//! `ρ_k = log(ĥ_{t_k} + h_min)` for `k < M` and `ρ_M = r`, and the per-step form (§4.3) is
+//!
+//! `Δt G_k = (ρ_{k+1} − ρ_k)(x_k) − (Γ − 1) d 𝓕_k + 𝓕_k x·∇ρ_k + ½𝒰_k (Δρ_k + |S_k|² − Σ_e γ_e |s_e|²)`
+//!
+//! (for one expert with `γ = 1` the bracket is `Δρ + 2 s·∇ρ + |∇ρ|²`). The guided drift with
+//! `S = s + ∇log h` is the Doob drift of §7.2, so with the exact `h` of `p` and `r` the path
+//! is transported exactly, `G ≡ 0` in continuous time and `Δt G_k = O(Δt²)`: the weights stay
+//! nearly flat and only correct the discretisation; with a learned `ĥ` they correct its
+//! regression error as well. The reward basis becomes `∇ρ_k` (`∇·B = Δρ_k`, ECG scalar
+//! `χ = ρ_k`). Per step this costs one h-function evaluation with the Laplacian at `(t_k, x_k)`
+//! and one value of `ĥ_{t_{k+1}}` at `x_k` (the reward value `r(x_{M−1})` at the last step).
+//! The particles start from the target's `q_0 ∝ Π_e p⃖_{e,0}^{γ_e}` (§2.3) with the
+//! importance weights `ρ_0(x_0)`, so `log Ẑ` still estimates `log Z_T` (§3.5).
+//!
+//! The floor `h_min` of a learned `ĥ` (§7.4) enters smoothly, `ρ = log(ĥ + h_min)`, with
+//! `∇ρ = w ∇log ĥ` and `Δρ = w Δlog ĥ + w(1 − w)|∇log ĥ|²` for `w = ĥ/(ĥ + h_min)`: the drift
+//! `∇ĥ/(ĥ + h_min)` is a smoothed §7.4 guidance `∇ĥ/max(ĥ, h_min)`. The kinked
+//! `log max(ĥ, h_min)` of URGE's twist would not do here: its Laplacian has a singular part
+//! `|∇log ĥ| δ` on the surface `ĥ = h_min`, which left-point potentials never see, so the
+//! weights would be biased however fine the grid (measured with the exact h and
+//! `h_min = 0.1`: +0.022 in P(x > 0), +0.085 in the mean, −0.029 in `log Ẑ` at both M = 200
+//! and 400 on the 1-D mixture of `tests/doob_driftlite.rs`).
 
-use ndarray::{Array1, Array2, ArrayViewMut1, Axis, Zip};
+use std::sync::Arc;
+
+use ndarray::{Array1, Array2, Array3, ArrayViewMut1, Axis, Zip};
 use rand_distr::{Distribution, StandardNormal};
 
 use super::{Method, StepContext, StepStats};
+use crate::doob::{Clip, HLaplacian, HOutput};
 use crate::error::{Error, Result};
 use crate::linalg::{self, axpy, dot};
-use crate::model::{Probe, ScoreOutput, hutchinson_divergence, hutchinson_probes};
+use crate::model::{NoiseLevel, Probe, ScoreOutput, hutchinson_divergence, hutchinson_probes};
 use crate::population::Population;
 use crate::reward::RewardOutput;
-use crate::rng::Purpose;
+use crate::rng::{Purpose, Streams};
 use crate::schedule::TimeGrid;
 use crate::smc::{self, Run, Settings, StepInfo, check_finite};
-use crate::target::Target;
+use crate::target::{Initial, Target};
 use crate::weights::LogWeights;
 
 /// How `θ` is chosen.
@@ -37,6 +70,9 @@ pub enum Control {
     Variance,
     /// Energy-controlling guidance (ECG); needs the experts' log-densities.
     Energy,
+    /// No control (`θ = 0`, no bases): G-SMC (MATH.md §4.4) on the sampler's path, the
+    /// Feynman–Kac corrector `Δt G` alone.
+    None,
 }
 
 /// How `∇·s_e` of the score bases is obtained.
@@ -83,6 +119,7 @@ impl DriftLiteConfig {
 /// One control basis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Basis {
+    /// The path field: `∇r` on the reward path, `∇ρ_k` on the Doob path.
     Reward,
     Score(usize),
     Drift,
@@ -96,8 +133,17 @@ pub struct DriftLite<'a> {
     config: DriftLiteConfig,
     /// Controls of a previous refinement pass, one `θ` per step (§5.10).
     previous: Option<Vec<Vec<f64>>>,
+    /// The h-function of the Doob path and its floor, when the path is `p⃖_t ĥ_t`.
+    doob: Option<(Arc<dyn HLaplacian>, Clip)>,
+    /// Noise levels of the grid points `t_0..=t_M`, recorded at initialisation (the Doob path
+    /// evaluates `ĥ` at `t_{k+1}`).
+    levels: Vec<NoiseLevel>,
     buffers: Buffers,
 }
+
+/// The particle index offset of the Hutchinson probes of a learned `ĥ`'s Laplacian: their
+/// streams `(Probe, k, OFFSET + i)` never meet the score probes' `(Probe, k, i·E + e)`.
+const H_PROBE_STREAM: usize = 1 << 31;
 
 #[derive(Debug, Default)]
 struct Buffers {
@@ -116,6 +162,8 @@ struct Buffers {
     scalars: Array2<f64>,
     /// `N × n²` products `B_a·B_b` (ECG).
     gram: Array2<f64>,
+    /// Doob path: `ρ_{k+1}(x_k)` (`N`).
+    rho_next: Array1<f64>,
 }
 
 impl<'a> DriftLite<'a> {
@@ -133,6 +181,7 @@ impl<'a> DriftLite<'a> {
             )));
         }
         if config.divergence == DivergenceEstimator::Exact
+            && config.control != Control::None
             && let Some(e) = lacking(|m| m.provides_divergence())
         {
             return Err(Error::Unsupported(format!(
@@ -143,8 +192,47 @@ impl<'a> DriftLite<'a> {
             target,
             config,
             previous: None,
+            doob: None,
+            levels: Vec::new(),
             buffers: Buffers::default(),
         })
+    }
+
+    /// Runs on the Doob path `q̃_t = Π_e p⃖_{e,t}^{γ_e} ĥ_t` instead of the reward path: the
+    /// proposal is the Doob drift `S = Σ_e γ_e s_e + ∇ρ_k` with
+    /// `ρ_k = log(ĥ_{t_k} + h_min)` (`k < M`), `ρ_M = r`, and the weights are DriftLite's
+    /// (or G-SMC's, with [`Control::None`]) for that path (see the module documentation).
+    /// The target's reward schedule is not used; its reward enters at the last step only.
+    ///
+    /// `clip.h_min` floors `ĥ` smoothly (`ρ = log(ĥ + h_min)`, see the module documentation);
+    /// `clip.g_max` is refused, since a norm clip of `∇ρ` would no longer be the gradient
+    /// whose Laplacian the potential uses. Errors name the field: the target needs a reward,
+    /// and `h` the target's dimension.
+    pub fn with_doob(mut self, h: Arc<dyn HLaplacian>, clip: Clip) -> Result<Self> {
+        clip.validate()?;
+        if let Some(g) = clip.g_max {
+            return Err(Error::invalid(
+                "doob.g_max",
+                format!(
+                    "DriftLite on the Doob path cannot clip the norm of ∇log ĥ (got g_max = {g}): the clipped field is no gradient, so the potential's Laplacian Δρ would not match the drift; use h_min only"
+                ),
+            ));
+        }
+        if self.target.reward().is_none() {
+            return Err(Error::invalid(
+                "reward",
+                "the Doob path ends at ρ_M = r: DriftLite with the Doob proposal needs the target's reward",
+            ));
+        }
+        if h.dim() != self.target.dim() {
+            return Err(Error::Dimension {
+                context: "h-function of the Doob path (must match the target)".into(),
+                expected: self.target.dim(),
+                found: h.dim(),
+            });
+        }
+        self.doob = Some((h, clip));
+        Ok(self)
     }
 
     /// Starts from the per-step controls of a previous pass (iterative refinement).
@@ -155,7 +243,10 @@ impl<'a> DriftLite<'a> {
 
     fn bases(&self, drift_rate: f64) -> Vec<Basis> {
         let mut b = Vec::new();
-        if self.target.reward().is_some() {
+        if self.config.control == Control::None {
+            return b;
+        }
+        if self.target.reward().is_some() || self.doob.is_some() {
             b.push(Basis::Reward);
         }
         b.extend((0..self.target.experts().len()).map(Basis::Score));
@@ -178,16 +269,21 @@ impl<'a> DriftLite<'a> {
         let f_rate = step.drift / step.dt;
         let bases = self.bases(f_rate);
         let nb = bases.len();
+        let doob = self.doob.is_some();
         let b = &mut self.buffers;
         fit(b, experts, n, d, nb);
         let level = step.level();
-        let exact_div = self.config.divergence == DivergenceEstimator::Exact;
+        // G-SMC has no score bases, so it needs no score divergences.
+        let score_bases = self.config.control != Control::None;
+        let exact_div = score_bases && self.config.divergence == DivergenceEstimator::Exact;
 
         // Scores, with the divergence and log-density the bases need.
         for e in 0..experts {
             let hutchinson = match self.config.divergence {
-                DivergenceEstimator::Hutchinson { probes, probe } => Some((probes, probe)),
-                DivergenceEstimator::Exact => None,
+                DivergenceEstimator::Hutchinson { probes, probe } if score_bases => {
+                    Some((probes, probe))
+                }
+                _ => None,
             };
             let keyed = ctx.streams.keyed(Purpose::Probe);
             let rng = |i: usize| keyed.rng(k, i * experts + e);
@@ -240,7 +336,10 @@ impl<'a> DriftLite<'a> {
         }
         let (beta, beta_next) = ctx.beta;
         let has_reward = target.reward().is_some();
-        if has_reward {
+        if doob {
+            // ρ_k, ∇ρ_k, Δρ_k into the reward buffers, ρ_{k+1}(x_k) into `rho_next`.
+            self.doob_path(ctx, x)?;
+        } else if has_reward {
             target.reward_eval(
                 x.view(),
                 RewardOutput {
@@ -256,6 +355,12 @@ impl<'a> DriftLite<'a> {
         let gammas: Vec<f64> = target.experts().iter().map(|e| e.gamma).collect();
         let constant = -(target.total_gamma() - 1.0) * d as f64 * f_rate;
         let (u_rate, beta_rate) = (step.diffusion / step.dt, (beta_next - beta) / step.dt);
+        // The path e^{ρ_k}: ρ_k = β_k r on the reward path (∇ρ = β ∇r, Δρ = β Δr, time
+        // difference (β_{k+1} − β_k) r), the buffers' ρ_k itself on the Doob path.
+        let has_field = has_reward || doob;
+        let path_scale = if doob { 1.0 } else { beta };
+        let inv_dt = 1.0 / step.dt;
+        let b = &mut self.buffers;
         let Buffers {
             scores,
             divergences,
@@ -268,7 +373,10 @@ impl<'a> DriftLite<'a> {
             compensators,
             scalars,
             gram,
+            rho_next,
+            ..
         } = &mut *b;
+        let rho_next = &*rho_next;
         let (scores, divergences, log_densities) = (&*scores, &*divergences, &*log_densities);
         let (reward, reward_gradient, reward_laplacian) =
             (&*reward, &*reward_gradient, &*reward_laplacian);
@@ -285,8 +393,8 @@ impl<'a> DriftLite<'a> {
             }
             let grad = reward_gradient.row(i);
             let grad = grad.to_slice().expect("contiguous");
-            if has_reward {
-                axpy(s, beta, grad);
+            if has_field {
+                axpy(s, path_scale, grad);
             }
             let mut g = constant + 0.5 * u_rate * dot(s, s);
             for (score, &gamma) in scores.iter().zip(&gammas) {
@@ -294,10 +402,15 @@ impl<'a> DriftLite<'a> {
                 let se = se.to_slice().expect("contiguous");
                 g -= 0.5 * u_rate * gamma * dot(se, se);
             }
-            if has_reward {
-                g += beta_rate * reward[i]
-                    + f_rate * beta * dot(x, grad)
-                    + 0.5 * u_rate * beta * reward_laplacian[i];
+            if has_field {
+                let time_difference = if doob {
+                    (rho_next[i] - reward[i]) * inv_dt
+                } else {
+                    beta_rate * reward[i]
+                };
+                g += time_difference
+                    + f_rate * path_scale * dot(x, grad)
+                    + 0.5 * u_rate * path_scale * reward_laplacian[i];
             }
             let field = |a: usize| -> Option<&[f64]> {
                 match bases[a] {
@@ -352,9 +465,79 @@ impl<'a> DriftLite<'a> {
         Ok(bases)
     }
 
+    /// The Doob path at step `k` for particles `x`: `ρ_k = log(ĥ_{t_k} + h_min)`, `∇ρ_k` and
+    /// `Δρ_k` into the reward buffers, and `ρ_{k+1}(x_k)` (`r` at the last step) into
+    /// `rho_next`.
+    fn doob_path(&mut self, ctx: &StepContext<'_>, x: &Array2<f64>) -> Result<()> {
+        let (h, clip) = self.doob.as_ref().expect("on the Doob path");
+        let (h, clip) = (h.as_ref(), *clip);
+        let target = self.target;
+        let k = ctx.step.index;
+        let (n, d) = x.dim();
+        let steps = self.levels.len().saturating_sub(1);
+        if k >= steps {
+            return Err(Error::Unsupported(
+                "DriftLite on the Doob path evaluates ĥ at the next grid point, whose noise level it records when the run starts: run it through smc::run".into(),
+            ));
+        }
+        let probes = if h.laplacian_uses_probes() {
+            let (count, probe) = match self.config.divergence {
+                DivergenceEstimator::Hutchinson { probes, probe } => (probes, probe),
+                DivergenceEstimator::Exact => (1, Probe::Rademacher),
+            };
+            let keyed = ctx.streams.keyed(Purpose::Probe);
+            hutchinson_probes(n, d, count, probe, |i| keyed.rng(k, H_PROBE_STREAM + i))
+        } else {
+            Array3::zeros((0, n, d))
+        };
+        let b = &mut self.buffers;
+        target.h_function_laplacian(
+            h,
+            &self.levels[k],
+            x.view(),
+            probes.view(),
+            HOutput {
+                log_h: Some(b.reward.view_mut()),
+                grad_log_h: b.reward_gradient.view_mut(),
+            },
+            b.reward_laplacian.view_mut(),
+            k,
+        )?;
+        if clip.h_min > 0.0 {
+            // ρ = log(ĥ + h_min): ∇ρ = w ∇log ĥ, Δρ = w Δlog ĥ + w(1 − w)|∇log ĥ|².
+            Zip::from(&mut b.reward)
+                .and(b.reward_gradient.rows_mut())
+                .and(&mut b.reward_laplacian)
+                .par_for_each(|rho, mut grad, lap| {
+                    let (floored, w) = smooth_floor(*rho, clip.h_min);
+                    let norm2 = grad.dot(&grad);
+                    *rho = floored;
+                    *lap = w * *lap + w * (1.0 - w) * norm2;
+                    grad.mapv_inplace(|g| w * g);
+                });
+        }
+        if k + 1 < steps {
+            target.h_function_log_h(h, &self.levels[k + 1], x.view(), b.rho_next.view_mut(), k)?;
+            b.rho_next.mapv_inplace(|l| smooth_floor(l, clip.h_min).0);
+        } else {
+            target.reward_eval(
+                x.view(),
+                RewardOutput {
+                    value: Some(b.rho_next.view_mut()),
+                    ..Default::default()
+                },
+            )?;
+            check_finite(&b.rho_next, k, "reward")?;
+        }
+        Ok(())
+    }
+
     /// θ_k: the weighted VCG/ECG solve (§5.3–5.4), on top of a previous pass's θ_k when
     /// refining (§5.10). Needs [`Self::evaluate`] first.
     fn solve(&self, k: usize, nb: usize, weights: &LogWeights) -> Vec<f64> {
+        if nb == 0 {
+            return Vec::new();
+        }
         let b = &self.buffers;
         let w = weights.normalized();
         let base_theta: Vec<f64> = match &self.previous {
@@ -380,6 +563,8 @@ impl<'a> DriftLite<'a> {
                 );
                 (cov_hh, -cov_gh.row(0).to_owned())
             }
+            // No bases, so `nb = 0` returned above.
+            Control::None => return Vec::new(),
             Control::Energy => {
                 let gram = w
                     .dot(&b.gram)
@@ -440,7 +625,9 @@ impl<'a> DriftLite<'a> {
     }
 
     /// The potential rate `G` (`N`) and the basis potentials `H_a` (`N × n`, one column per
-    /// basis: reward, one per expert, drift) at the step's left point, for particles `x`.
+    /// basis: the path field `∇r` or `∇ρ_k`, one per expert, drift) at the step's left point,
+    /// for particles `x`. On the Doob path this needs the grid's levels, recorded by
+    /// [`Method::initialize`].
     /// A diagnostic (tests check `E_q[H_a] = 0`); [`Method::advance`] uses the same values.
     pub fn potentials(
         &mut self,
@@ -457,14 +644,48 @@ impl<'a> DriftLite<'a> {
 
 impl Method for DriftLite<'_> {
     fn name(&self) -> &str {
-        match self.config.control {
-            Control::Variance => "vcg",
-            Control::Energy => "ecg",
+        match (self.config.control, self.doob.is_some()) {
+            (Control::Variance, false) => "vcg",
+            (Control::Energy, false) => "ecg",
+            (Control::None, false) => "g-smc",
+            (Control::Variance, true) => "vcg-doob",
+            (Control::Energy, true) => "ecg-doob",
+            (Control::None, true) => "g-smc-doob",
         }
     }
 
     fn weighted(&self) -> bool {
         true
+    }
+
+    /// Exact `q_0` of the target (MATH.md §2.3). On the Doob path the start is
+    /// `q̃_0 = Π_e p⃖_{e,0}^{γ_e} e^{ρ_0}`, reached by the importance weights `ρ_0(x_0)`
+    /// (one h-function evaluation), so that `log Ẑ` keeps estimating `log Z_T`.
+    fn initialize(
+        &mut self,
+        target: &Target,
+        grid: &TimeGrid,
+        n: usize,
+        streams: &Streams,
+    ) -> Result<Initial> {
+        self.levels = (0..=grid.len()).map(|k| grid.level(k)).collect();
+        let mut init = target.sample_initial(grid, n, streams)?;
+        if let Some((h, clip)) = &self.doob {
+            let mut rho = Array1::zeros(n);
+            target.h_function_log_h(
+                h.as_ref(),
+                &self.levels[0],
+                init.x.view(),
+                rho.view_mut(),
+                0,
+            )?;
+            Zip::from(&mut init.log_weights)
+                .and(&rho)
+                .for_each(|l, &r| *l += smooth_floor(r, clip.h_min).0);
+            // log Ẑ_0 = log mean e^{ℓ_0}: with exact draws ℓ_0 = log Z_0 + ρ_0.
+            init.log_normalizer = None;
+        }
+        Ok(init)
     }
 
     fn advance(
@@ -542,6 +763,24 @@ impl Buffers {
     }
 }
 
+/// The smooth floor of the Doob path: `(log(ĥ + h_min), ĥ/(ĥ + h_min))` from `log ĥ`, stable
+/// for every finite `log ĥ`; `(log ĥ, 1)` when `h_min = 0`.
+fn smooth_floor(log_h: f64, h_min: f64) -> (f64, f64) {
+    if h_min <= 0.0 {
+        return (log_h, 1.0);
+    }
+    let u = log_h - h_min.ln();
+    // log(ĥ + h_min) = log h_min + softplus(u), w = sigmoid(u).
+    let softplus = u.max(0.0) + (-u.abs()).exp().ln_1p();
+    let w = if u >= 0.0 {
+        1.0 / (1.0 + (-u).exp())
+    } else {
+        let e = u.exp();
+        e / (1.0 + e)
+    };
+    (h_min.ln() + softplus, w)
+}
+
 fn fit(b: &mut Buffers, experts: usize, n: usize, d: usize, nb: usize) {
     if b.tilted.dim() != (n, d) || b.scores.len() != experts || b.compensators.ncols() != nb {
         b.scores = (0..experts).map(|_| Array2::zeros((n, d))).collect();
@@ -555,6 +794,7 @@ fn fit(b: &mut Buffers, experts: usize, n: usize, d: usize, nb: usize) {
         b.compensators = Array2::zeros((n, nb));
         b.scalars = Array2::zeros((n, nb));
         b.gram = Array2::zeros((n, nb * nb));
+        b.rho_next = Array1::zeros(n);
     }
 }
 
@@ -679,5 +919,39 @@ fn add_counts(
         reward_laplacian: a.reward_laplacian + b.reward_laplacian,
         vjp: a.vjp + b.vjp,
         h_function: a.h_function + b.h_function,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::smooth_floor;
+
+    /// `smooth_floor` against the direct `log(ĥ + h_min)` (1e-12 relative where that is
+    /// accurate), its weight against central differences of the floored value in `log ĥ`
+    /// (step 1e-5: error ≈ 1e-10), finite in both tails, and the identity for `h_min = 0`.
+    #[test]
+    fn smooth_floor_is_log_h_plus_h_min() {
+        for h_min in [1e-3, 0.1, 2.0] {
+            for log_h in [-30.0f64, -8.0, -2.3, 0.0, 1.5, 30.0] {
+                let (rho, w) = smooth_floor(log_h, h_min);
+                let direct = (log_h.exp() + h_min).ln();
+                assert!(
+                    (rho - direct).abs() < 1e-12 * (1.0 + direct.abs()),
+                    "{log_h}, {h_min}"
+                );
+                let e = 1e-5;
+                let fd = (smooth_floor(log_h + e, h_min).0 - smooth_floor(log_h - e, h_min).0)
+                    / (2.0 * e);
+                assert!(
+                    (w - fd).abs() < 1e-8 && (0.0..=1.0).contains(&w),
+                    "{log_h}, {h_min}"
+                );
+            }
+            let (rho, w) = smooth_floor(-800.0, h_min);
+            assert!((rho - h_min.ln()).abs() < 1e-12 && w == 0.0);
+            let (rho, w) = smooth_floor(800.0, h_min);
+            assert!((rho - 800.0).abs() < 1e-12 && w == 1.0);
+        }
+        assert_eq!(smooth_floor(-50.0, 0.0), (-50.0, 1.0));
     }
 }
