@@ -113,7 +113,7 @@ pub fn run(args: &Args) -> Result<()> {
     let work: usize = configs
         .iter()
         .map(|(_, c)| {
-            passes(c, &target) * grid.len() * particles.iter().sum::<usize>() * args.seeds
+            passes(c, path, &target) * grid.len() * particles.iter().sum::<usize>() * args.seeds
         })
         .sum();
     let bar = report::progress_in(work as u64, "bench", "particle-steps");
@@ -141,7 +141,7 @@ pub fn run(args: &Args) -> Result<()> {
                 done += 1;
                 bar.set_message(format!("[{done}/{runs}] {label}"));
                 let settings = c.settings()?;
-                let plan = c.plan(&target)?;
+                let plan = c.plan(path, &target)?;
                 let (run, _) =
                     crate::execute(plan, &target, &grid, &settings, &mut |_| bar.inc(n as u64))
                         .with_context(|| label.clone())?;
@@ -271,9 +271,11 @@ fn repeated<T: PartialEq>(v: &[T]) -> Option<&T> {
 /// The config of one method entry of `--methods`: `name` or `name:key=value:key=value`
 /// (per-method overrides, e.g. `urge:urge.twist=reward`; they must not change the target or
 /// the schedule, which the bench shares). Sections that do not apply to the method are
-/// dropped: `[driftlite]` for the guided methods and for URGE without a controlled proposal,
-/// `[urge]` for every method but URGE, and the resampling trigger of `vcg` and `ecg`, which
-/// never resample.
+/// dropped: `[driftlite]` for the guided methods, Doob and URGE without a controlled
+/// proposal, `[urge]` for every method but URGE, `[doob]` for every method but Doob, URGE
+/// with a Doob proposal or twist and DriftLite with the Doob proposal, and the resampling
+/// trigger of `vcg` and `ecg`, which never
+/// resample.
 fn method_config(path: &Path, set: &[String], entry: &str, target: &Target) -> Result<Config> {
     let mut parts = entry.split(':');
     let method = parts.next().unwrap_or_default();
@@ -288,7 +290,7 @@ fn method_config(path: &Path, set: &[String], entry: &str, target: &Target) -> R
         c.urge = None;
     }
     match method {
-        "base" | "pg" | "g-smc" => c.driftlite = None,
+        "base" | "pg" | "g-smc" | "doob" => c.driftlite = None,
         "vcg" | "ecg" => {
             c.resampling.when = Some("never".to_string());
             c.resampling.threshold = None;
@@ -302,13 +304,24 @@ fn method_config(path: &Path, set: &[String], entry: &str, target: &Target) -> R
         }
         _ => {}
     }
-    c.plan(target)?;
+    let doob_urge = method == "urge"
+        && c.urge.as_ref().is_some_and(|u| {
+            u.proposal.as_deref() == Some("doob") || u.twist.as_deref() == Some("doob")
+        });
+    let doob_driftlite = matches!(method, "vcg" | "vcg-smc" | "ecg" | "ecg-smc")
+        && c.driftlite
+            .as_ref()
+            .is_some_and(|d| d.proposal.as_deref() == Some("doob"));
+    if method != "doob" && !doob_urge && !doob_driftlite {
+        c.doob = None;
+    }
+    c.plan(path, target)?;
     Ok(c)
 }
 
 /// Passes over the time grid that one run of `c` makes.
-fn passes(c: &Config, target: &Target) -> usize {
-    match c.plan(target) {
+fn passes(c: &Config, path: &Path, target: &Target) -> usize {
+    match c.plan(path, target) {
         Ok(Plan::DriftLite { passes, .. }) => passes,
         _ => 1,
     }

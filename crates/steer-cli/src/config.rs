@@ -10,9 +10,11 @@ use ndarray::{Array1, Array2};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use steer::classifier::{ClassReward, Classifier};
+use steer::doob::{Clip, ExactH, HFunction, HLaplacian};
+use steer::doob_net::{DoobNetwork, DoobSpec};
 use steer::method::{
-    Control, DivergenceEstimator, DriftLiteConfig, Guidance, Potential, Proposal, Twist,
-    TwistSchedule,
+    Control, DivergenceEstimator, Doob, DriftLite, DriftLiteConfig, Guidance, Potential, Proposal,
+    Twist, TwistSchedule, Urge,
 };
 use steer::model::nn::{Architecture, Network, NetworkSpec};
 use steer::model::{Covariance, GaussianMixture, NoiseLevel, Probe, ScoreModel};
@@ -28,7 +30,8 @@ use crate::io;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Sampling method: "base", "pg", "g-smc", "vcg", "vcg-smc", "ecg", "ecg-smc" or "urge".
+    /// Sampling method: "base", "pg", "g-smc", "vcg", "vcg-smc", "ecg", "ecg-smc", "urge" or
+    /// "doob".
     pub method: String,
     /// Number of particles N.
     pub particles: usize,
@@ -55,16 +58,34 @@ pub struct Config {
     pub urge: Option<UrgeSection>,
     /// Funnel particle schedule (`particles` is then the budget per step).
     pub funnel: Option<FunnelSection>,
+    /// Doob h-function settings (method doob; URGE's Doob proposal and twist).
+    pub doob: Option<DoobSection>,
+}
+
+/// `[doob]`: the h-function of Doob guidance (MATH.md §7) and its post-processing.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DoobSection {
+    /// "exact" (default: the closed form of a Gaussian-mixture expert tilted by a
+    /// closed-form reward) or the JSON description of a network written by `steer train`
+    /// with `kind = "doob"`, relative to the config.
+    pub h: Option<String>,
+    /// Floor h_min ≥ 0 of ĝ = ∇ĥ / max(ĥ, h_min) (default: the library's `Clip::learned()`
+    /// for a network, `Clip::none()` for the exact h).
+    pub h_min: Option<f64>,
+    /// Largest norm of the guidance ĝ per particle (default: none).
+    pub g_max: Option<f64>,
 }
 
 /// `[urge]`.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct UrgeSection {
-    /// Proposal drift: "base", "guided" (default), "vcg" or "ecg".
+    /// Proposal drift: "base", "guided" (default), "vcg", "ecg" or "doob".
     pub proposal: Option<String>,
-    /// Twist: "none", "reward", "tweedie" (default), "path", "fk-difference", "fk-max",
-    /// "fk-sum", "fk-immediate", "adaptive" or "naive-tempered".
+    /// Twist: "none", "reward", "tweedie" (default; "doob" with proposal = "doob"), "path",
+    /// "fk-difference", "fk-max", "fk-sum", "fk-immediate", "adaptive", "naive-tempered" or
+    /// "doob".
     pub twist: Option<String>,
     /// Evaluate the twist every this many steps (default 1).
     pub every: Option<usize>,
@@ -106,10 +127,17 @@ pub struct DriftLiteSection {
     pub probe: Option<String>,
     /// Refinement passes of Algorithm 2 (default 1: plain Algorithm 1).
     pub passes: Option<usize>,
+    /// The path and its proposal drift: "guided" (default; the reward path p_t e^{β_t r}
+    /// and its guided drift) or "doob" (the Doob path p_t ĥ_t with the Doob drift of the
+    /// `[doob]` h-function; MATH.md §7.2).
+    pub proposal: Option<String>,
 }
 
+/// An h-function with the post-processing of its guidance (MATH.md §7.4).
+pub type HChoice = (Arc<dyn HLaplacian>, Clip);
+
 /// What `method` runs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Plan {
     /// URGE with its proposal and twist.
     Urge {
@@ -119,7 +147,11 @@ pub enum Plan {
         twist: Twist,
         /// When the twist is evaluated.
         schedule: TwistSchedule,
+        /// The h-function of the Doob proposal or twist.
+        doob: Option<HChoice>,
     },
+    /// Unweighted Doob guidance by an h-function.
+    Doob(HChoice),
     /// Base sampler, PG or G-SMC.
     Guided(Guidance),
     /// DriftLite with its settings and refinement passes; `resamples` for the -smc variants.
@@ -130,6 +162,8 @@ pub enum Plan {
         passes: usize,
         /// Whether the variant resamples.
         resamples: bool,
+        /// The h-function of the Doob path (`driftlite.proposal = "doob"`).
+        doob: Option<HChoice>,
     },
 }
 
@@ -345,6 +379,11 @@ pub fn unused(section: &str, kind: &str, fields: &[(&str, bool)]) -> Result<()> 
     Ok(())
 }
 
+/// A schedule as the JSON of model descriptions, e.g. `{"kind":"vp-linear",…}`.
+pub fn schedule_text(s: &Schedule) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"))
+}
+
 impl ScheduleConfig {
     /// The schedule and grid for `steps` steps.
     pub fn build(&self, steps: usize) -> Result<TimeGrid> {
@@ -482,8 +521,8 @@ impl Config {
         Ok(schedule)
     }
 
-    /// The method to run, validated.
-    pub fn plan(&self, target: &Target) -> Result<Plan> {
+    /// The method to run, validated; files (a learned h-function) resolve against `path`.
+    pub fn plan(&self, path: &Path, target: &Target) -> Result<Plan> {
         let driftlite = |control: Control, resamples: bool| -> Result<Plan> {
             let section = self.driftlite.as_ref();
             let get = |f: fn(&DriftLiteSection) -> Option<f64>, default: f64, name: &str| {
@@ -532,16 +571,38 @@ impl Config {
             if passes == 0 {
                 bail!("`driftlite.passes` must be at least 1");
             }
+            let doob = match section
+                .and_then(|s| s.proposal.as_deref())
+                .unwrap_or("guided")
+            {
+                "guided" => None,
+                "doob" => {
+                    if passes > 1 {
+                        bail!(
+                            "`driftlite.passes` > 1 (iterative refinement) is not available with driftlite.proposal = \"doob\""
+                        );
+                    }
+                    Some(self.h_function(path, target)?)
+                }
+                other => {
+                    bail!("`driftlite.proposal` = \"{other}\" is unknown (expected guided or doob)")
+                }
+            };
             let config = DriftLiteConfig {
                 control,
                 ridge,
                 divergence,
             };
             config.validate()?;
+            if let Some((h, clip)) = &doob {
+                // Checked here, before any output is staged.
+                DriftLite::new(target, config)?.with_doob(h.clone(), *clip)?;
+            }
             Ok(Plan::DriftLite {
                 config,
                 passes,
                 resamples,
+                doob,
             })
         };
         let plan = match self.method.as_str() {
@@ -560,6 +621,7 @@ impl Config {
                 {
                     "base" => Proposal::Base,
                     "guided" => Proposal::Guided,
+                    "doob" => Proposal::Doob,
                     "vcg" | "ecg" => {
                         let control = if section.and_then(|s| s.proposal.as_deref()) == Some("vcg")
                         {
@@ -567,6 +629,11 @@ impl Config {
                         } else {
                             Control::Energy
                         };
+                        if section.is_some_and(|s| s.proposal.is_some()) {
+                            bail!(
+                                "`driftlite.proposal` does not apply to URGE's controlled proposal (for a Doob proposal set urge.proposal = \"doob\")"
+                            );
+                        }
                         match driftlite(control, true)? {
                             Plan::DriftLite {
                                 config, passes: 1, ..
@@ -577,12 +644,17 @@ impl Config {
                         }
                     }
                     other => bail!(
-                        "`urge.proposal` = \"{other}\" is unknown (expected base, guided, vcg or ecg)"
+                        "`urge.proposal` = \"{other}\" is unknown (expected base, guided, vcg, ecg or doob)"
                     ),
+                };
+                let default_twist = if proposal == Proposal::Doob {
+                    "doob"
+                } else {
+                    "tweedie"
                 };
                 let twist = match section
                     .and_then(|s| s.twist.as_deref())
-                    .unwrap_or("tweedie")
+                    .unwrap_or(default_twist)
                 {
                     "none" => Twist::None,
                     "reward" => Twist::Reward,
@@ -596,8 +668,9 @@ impl Config {
                         cess: section.and_then(|s| s.cess).unwrap_or(0.5),
                     },
                     "naive-tempered" => Twist::NaiveTempered,
+                    "doob" => Twist::Doob,
                     other => bail!(
-                        "`urge.twist` = \"{other}\" is unknown (expected none, reward, tweedie, path, fk-difference, fk-max, fk-sum, fk-immediate, adaptive or naive-tempered)"
+                        "`urge.twist` = \"{other}\" is unknown (expected none, reward, tweedie, path, fk-difference, fk-max, fk-sum, fk-immediate, adaptive, naive-tempered or doob)"
                     ),
                 };
                 if let Twist::AdaptiveTemperature { cess } = twist
@@ -619,19 +692,45 @@ impl Config {
                     every: section.and_then(|s| s.every).unwrap_or(1),
                     window: section.and_then(|s| s.window).map(|[a, b]| (a, b)),
                 };
+                let doob = if proposal == Proposal::Doob || twist == Twist::Doob {
+                    let (h, clip) = self.h_function(path, target)?;
+                    // Checked here, before any output is staged.
+                    Urge::new(target, proposal, twist)?.with_h_function(h.clone(), clip)?;
+                    Some((h, clip))
+                } else {
+                    None
+                };
                 Plan::Urge {
                     proposal,
                     twist,
                     schedule,
+                    doob,
                 }
             }
+            "doob" => {
+                let (h, clip) = self.h_function(path, target)?;
+                // Checked here, before any output is staged.
+                Doob::new(target, h.clone(), clip)?;
+                Plan::Doob((h, clip))
+            }
             other => bail!(
-                "`method` = \"{other}\" is unknown (expected base, pg, g-smc, vcg, vcg-smc, ecg, ecg-smc or urge)"
+                "`method` = \"{other}\" is unknown (expected base, pg, g-smc, vcg, vcg-smc, ecg, ecg-smc, urge or doob)"
             ),
         };
-        if matches!(plan, Plan::Guided(_)) && self.driftlite.is_some() {
+        if matches!(plan, Plan::Guided(_) | Plan::Doob(_)) && self.driftlite.is_some() {
             bail!(
                 "the [driftlite] section applies only to methods vcg, vcg-smc, ecg, ecg-smc and urge"
+            );
+        }
+        let uses_doob = matches!(
+            plan,
+            Plan::Doob(_)
+                | Plan::Urge { doob: Some(_), .. }
+                | Plan::DriftLite { doob: Some(_), .. }
+        );
+        if self.doob.is_some() && !uses_doob {
+            bail!(
+                "the [doob] section applies only to method = \"doob\", to method = \"urge\" with urge.proposal or urge.twist = \"doob\", and to the DriftLite methods with driftlite.proposal = \"doob\""
             );
         }
         if self.urge.is_some() && !matches!(plan, Plan::Urge { .. }) {
@@ -655,6 +754,51 @@ impl Config {
         Ok(plan)
     }
 
+    /// The h-function of `[doob]` (MATH.md §7) and its clip: the exact one of the target, or a
+    /// learned network (whose dimension and schedule must match the run's).
+    fn h_function(&self, path: &Path, target: &Target) -> Result<HChoice> {
+        let section = self.doob.as_ref();
+        let name = section.and_then(|s| s.h.as_deref()).unwrap_or("exact");
+        let (h, default): (Arc<dyn HLaplacian>, Clip) = if name == "exact" {
+            let h = ExactH::from_target(target).map_err(|e| {
+                anyhow!(
+                    "`doob.h` = \"exact\": {e}; for other targets train an h-network with `steer train` (kind = \"doob\") and set `doob.h` to its doob.json"
+                )
+            })?;
+            (Arc::new(h), Clip::none())
+        } else {
+            let file = resolve(path, Path::new(name));
+            let h = DoobNetwork::load(&file)
+                .with_context(|| format!("`doob.h` ({})", file.display()))?;
+            if h.dim() != target.dim() {
+                bail!(
+                    "dimension mismatch: `doob.h` ({}) has dimension {}, the experts' model files have dimension {}",
+                    file.display(),
+                    h.dim(),
+                    target.dim()
+                );
+            }
+            let sampling = self.schedule.schedule()?;
+            let trained = h.spec().schedule;
+            if trained != sampling {
+                bail!(
+                    "`doob.h` ({}) was trained with the schedule {}, but `[schedule]` is {}: an h-function only guides the forward process it was trained on (train it with the base model's schedule)",
+                    file.display(),
+                    schedule_text(&trained),
+                    schedule_text(&sampling)
+                );
+            }
+            (Arc::new(h), Clip::learned())
+        };
+        let clip = Clip {
+            h_min: finite("doob.h_min", section.and_then(|s| s.h_min), default.h_min)?,
+            g_max: section.and_then(|s| s.g_max).or(default.g_max),
+        };
+        // Names `doob.h_min` or `doob.g_max` (g_max must be finite and positive).
+        clip.validate()?;
+        Ok((h, clip))
+    }
+
     /// The target (experts, reward, reward schedule); model files resolve against `path`.
     pub fn target(&self, path: &Path, grid: &TimeGrid) -> Result<Target> {
         if self.experts.is_empty() {
@@ -663,19 +807,7 @@ impl Config {
         let mut experts: Vec<Expert> = Vec::new();
         for (e, ex) in self.experts.iter().enumerate() {
             let file = resolve(path, &ex.model.file);
-            let model: Arc<dyn ScoreModel> = match ex.model.kind.as_str() {
-                "gmm" => Arc::new(
-                    io::read_mixture(&file).with_context(|| format!("experts[{e}].model.file"))?,
-                ),
-                "network" => {
-                    Arc::new(Network::load(&file).with_context(|| {
-                        format!("`experts[{e}].model.file` ({})", file.display())
-                    })?)
-                }
-                other => bail!(
-                    "`experts[{e}].model.kind` = \"{other}\" is unknown (expected gmm or network)"
-                ),
-            };
+            let model = ex.model.load(path, &format!("experts[{e}].model"))?;
             if let Some(first) = experts.first()
                 && model.dim() != first.model.dim()
             {
@@ -697,14 +829,9 @@ impl Config {
                 let (reward, tilt) = r.build(path)?;
                 let d = experts[0].model.dim();
                 if reward.dim() != d {
-                    let field = match (r.kind.as_str(), &r.file) {
-                        ("linear", _) => "`reward.slope`".to_string(),
-                        ("quadratic", _) => "`reward.centre`".to_string(),
-                        (_, Some(f)) => format!("`reward.file` ({})", resolve(path, f).display()),
-                        (_, None) => "`reward.file`".to_string(),
-                    };
                     bail!(
-                        "dimension mismatch: {field} has dimension {}, the experts' model files have dimension {d}",
+                        "dimension mismatch: {} has dimension {}, the experts' model files have dimension {d}",
+                        r.field(path),
                         reward.dim()
                     );
                 }
@@ -731,23 +858,51 @@ impl Config {
             .with_context(|| format!("`experts[{e}].model.file` ({})", file.display()))
     }
 
-    /// Sets `schedule.tau_min`, when absent and every expert is a network, to the largest
-    /// `tau_min` the networks were trained down to.
+    /// Sets `schedule.tau_min`, when absent, to the largest `tau_min` the learned models were
+    /// trained down to: the networks', when every expert is a network, and a learned
+    /// `doob.h`'s.
     fn default_tau_min(&mut self, path: &Path) -> Result<()> {
-        if self.schedule.tau_min.is_some()
-            || self.experts.is_empty()
-            || self.experts.iter().any(|e| e.model.kind != "network")
-        {
+        if self.schedule.tau_min.is_some() {
             return Ok(());
         }
-        let mut tau_min = 0.0_f64;
-        for e in 0..self.experts.len() {
-            if let Some(spec) = self.network_spec(path, e)? {
-                tau_min = tau_min.max(spec.tau_min);
+        let mut tau_min = None::<f64>;
+        let networks =
+            !self.experts.is_empty() && self.experts.iter().all(|e| e.model.kind == "network");
+        if networks {
+            for e in 0..self.experts.len() {
+                if let Some(spec) = self.network_spec(path, e)? {
+                    tau_min = Some(tau_min.unwrap_or(0.0).max(spec.tau_min));
+                }
             }
         }
-        self.schedule.tau_min = Some(tau_min);
+        if let Some(spec) = self.h_spec(path)? {
+            tau_min = Some(tau_min.unwrap_or(0.0).max(spec.tau_min));
+        }
+        if tau_min.is_some() {
+            self.schedule.tau_min = tau_min;
+        }
         Ok(())
+    }
+
+    /// The description of a learned `doob.h` (its JSON only, not the weights); `None` for the
+    /// exact h or without `[doob]`.
+    fn h_spec(&self, path: &Path) -> Result<Option<DoobSpec>> {
+        let Some(name) = self.doob.as_ref().and_then(|d| d.h.as_deref()) else {
+            return Ok(None);
+        };
+        if name == "exact" {
+            return Ok(None);
+        }
+        let file = resolve(path, Path::new(name));
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("`doob.h` ({}): cannot read", file.display()))?;
+        let spec = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "`doob.h` ({}) is not an h-function description written by `steer train` (kind = \"doob\")",
+                file.display()
+            )
+        })?;
+        Ok(Some(spec))
     }
 
     /// How the samples of dimension `dim` are images, if they are: `[output] image` (with
@@ -883,8 +1038,37 @@ impl Config {
     }
 }
 
+impl ModelConfig {
+    /// The model; `field` (e.g. `experts[0].model`) names it on error, files resolve against
+    /// the config file `path`.
+    pub fn load(&self, path: &Path, field: &str) -> Result<Arc<dyn ScoreModel>> {
+        let file = resolve(path, &self.file);
+        Ok(match self.kind.as_str() {
+            "gmm" => Arc::new(io::read_mixture(&file).with_context(|| format!("{field}.file"))?),
+            "network" => Arc::new(
+                Network::load(&file)
+                    .with_context(|| format!("`{field}.file` ({})", file.display()))?,
+            ),
+            other => {
+                bail!("`{field}.kind` = \"{other}\" is unknown (expected gmm or network)")
+            }
+        })
+    }
+}
+
 impl RewardConfig {
-    fn build(&self, path: &Path) -> Result<(Arc<dyn Reward>, TiltSchedule)> {
+    /// The field that sets the reward's dimension, for dimension-mismatch errors.
+    pub fn field(&self, path: &Path) -> String {
+        match (self.kind.as_str(), &self.file) {
+            ("linear", _) => "`reward.slope`".to_string(),
+            ("quadratic", _) => "`reward.centre`".to_string(),
+            (_, Some(f)) => format!("`reward.file` ({})", resolve(path, f).display()),
+            (_, None) => "`reward.file`".to_string(),
+        }
+    }
+
+    /// The reward and its schedule β_t; files resolve against the config file `path`.
+    pub fn build(&self, path: &Path) -> Result<(Arc<dyn Reward>, TiltSchedule)> {
         let r = self;
         let vector = |name: &str, v: &Option<Vec<f64>>| -> Result<Array1<f64>> {
             v.clone().map(Array1::from).ok_or_else(|| {

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
-use steer::method::{GuidedSampler, Method, Urge, refine};
+use steer::method::{Doob, DriftLite, GuidedSampler, Method, Urge, refine};
 use steer::schedule::TimeGrid;
 use steer::smc;
 use steer::target::Target;
@@ -121,8 +121,8 @@ enum Command {
         #[arg(long, default_value = "out/bench")]
         out: PathBuf,
     },
-    /// Train a score network or a classifier on `.npy` data; write the model, loss curve and
-    /// a summary.
+    /// Train a score network or a classifier on `.npy` data, or a Doob h-function on base
+    /// samples and a reward; write the model, loss curve and a summary.
     Train {
         /// Training configuration (TOML; fields in docs/config.md, "steer train").
         #[arg(long)]
@@ -157,6 +157,14 @@ enum DataSet {
         source: Option<PathBuf>,
     },
 }
+
+/// mimalloc instead of the system allocator: candle allocates a fresh buffer for every
+/// tensor operation, and glibc serves buffers of a few MB (a network layer over thousands of
+/// particles) with `mmap`, so every operation paid page faults and zeroing. With mimalloc a
+/// forward and backward pass of a 30-D h-network over 4096 particles went from 197 ms to
+/// about 80 ms.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// candle's defaults for this process, unless the user set them: one thread for its
 /// spinning element-wise pool (on busy cores it starves the workers; matrix products stay
@@ -285,8 +293,27 @@ fn execute(
             proposal,
             twist,
             schedule,
+            doob,
         } => {
             let mut m = Urge::new(target, proposal, twist)?.with_twist_schedule(schedule)?;
+            if let Some((h, clip)) = doob {
+                m = m.with_h_function(h, clip)?;
+            }
+            (smc::run(&mut m, target, grid, settings, observe)?, true)
+        }
+        config::Plan::Doob((h, clip)) => {
+            let mut m = Doob::new(target, h, clip)?;
+            (
+                smc::run(&mut m, target, grid, settings, observe)?,
+                m.weighted(),
+            )
+        }
+        config::Plan::DriftLite {
+            config,
+            doob: Some((h, clip)),
+            ..
+        } => {
+            let mut m = DriftLite::new(target, config)?.with_doob(h, clip)?;
             (smc::run(&mut m, target, grid, settings, observe)?, true)
         }
         config::Plan::DriftLite { config, passes, .. } => {
@@ -310,7 +337,7 @@ fn sample(
         .settings()
         .with_context(|| format!("{}", config_path.display()))?;
     let plan = config
-        .plan(&target)
+        .plan(config_path, &target)
         .with_context(|| format!("{}", config_path.display()))?;
     let image = config
         .image_shape(config_path, target.dim())
@@ -321,7 +348,7 @@ fn sample(
 
     let passes = match plan {
         config::Plan::DriftLite { passes, .. } => passes,
-        config::Plan::Guided(_) | config::Plan::Urge { .. } => 1,
+        config::Plan::Guided(_) | config::Plan::Urge { .. } | config::Plan::Doob(_) => 1,
     };
     let bar = report::progress(
         (passes * grid.len()) as u64,

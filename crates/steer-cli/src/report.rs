@@ -54,6 +54,7 @@ fn counts_json(c: &EvaluationCounts) -> Value {
         "reward_gradient": c.reward_gradient,
         "reward_laplacian": c.reward_laplacian,
         "vjp": c.vjp,
+        "h_function": c.h_function,
     })
 }
 

@@ -1564,3 +1564,433 @@ fn data_digits_from_the_environment() {
         .unwrap();
     case.assert_fails(&out, &["STEER_DIGITS", "absent.csv.gz"]);
 }
+
+// ---------------------------------------------------------------------------------------
+// Doob's matching: steer train kind = "doob", method = "doob", URGE's Doob proposal.
+
+/// A tiny h-network for [`MIXTURE`] tilted by the reward of [`config_text`], trained on 512
+/// exact base samples (200 steps).
+const TRAIN_DOOB: &str = r#"kind = "doob"
+model = { kind = "gmm", file = "mix.json" }
+samples = 512
+
+[schedule]
+kind = "vp-linear"
+
+[reward]
+kind = "quadratic"
+centre = [2.0, 0.0]
+strength = 0.5
+
+[architecture]
+hidden = 16
+blocks = 1
+embedding = 4
+
+[training]
+loss = "penalised"
+pairs = "fixed"
+steps = 200
+batch = 64
+eval_every = 50
+"#;
+
+/// The h-network of [`TRAIN_DOOB`], trained once per test run; its `doob.json`.
+fn trained_doob() -> &'static Path {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("steer-cli-doob");
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("mix.json"), MIXTURE).unwrap();
+        fs::write(dir.join("train.toml"), TRAIN_DOOB).unwrap();
+        let out = steer_in(&dir, &["train", "--config", "train.toml", "--out", "h"]);
+        assert_success(&out);
+        dir.join("h/doob.json")
+    })
+}
+
+/// `steer sample` on the valid config with 400 particles, 40 steps, `--reference exact` and
+/// `--set` for each of `sets`; its summary. The output folder is removed afterwards.
+fn sample_summary(case: &Case, sets: &[&str]) -> Value {
+    let mut extra = vec![
+        "--reference",
+        "exact",
+        "--set",
+        "particles=400",
+        "--set",
+        "steps=40",
+    ];
+    extra.extend(sets.iter().flat_map(|s| ["--set", s]));
+    let out = case.sample(&extra);
+    assert_success(&out);
+    let summary = read_summary(&case.out());
+    fs::remove_dir_all(case.out()).unwrap();
+    summary
+}
+
+fn metric(summary: &Value, name: &str) -> f64 {
+    summary["metrics"][name]
+        .as_f64()
+        .unwrap_or_else(|| panic!("metrics.{name} missing: {summary}"))
+}
+
+#[test]
+fn doob_train_writes_the_h_network_loss_and_summary() {
+    let dir = trained_doob().parent().unwrap().to_path_buf();
+    for f in [
+        "doob.json",
+        "doob.safetensors",
+        "loss.csv",
+        "loss.png",
+        "summary.json",
+    ] {
+        let meta = fs::metadata(dir.join(f)).unwrap_or_else(|_| panic!("{f} missing"));
+        assert!(meta.len() > 0, "{f} is empty");
+    }
+    let spec: Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("doob.json")).unwrap()).unwrap();
+    assert_eq!(spec["format"], "steer-doob");
+    assert_eq!(spec["dim"], 2);
+    assert_eq!(spec["weights"], "doob.safetensors");
+    assert_eq!(spec["architecture"]["hidden"], 16);
+    assert_eq!(spec["schedule"]["kind"], "vp-linear");
+    let loss = fs::read_to_string(dir.join("loss.csv")).unwrap();
+    let lines: Vec<&str> = loss.lines().collect();
+    assert_eq!(lines[0], "step,train,heldout");
+    assert_eq!(lines.len(), 1 + 4, "one row every 50 of 200 steps");
+    assert!(lines[4].starts_with("200,"));
+    let s = read_summary(&dir);
+    assert_eq!(s["kind"], "doob");
+    assert_eq!(s["base_samples"], "exact");
+    assert_eq!(s["examples"], 512);
+    assert_eq!(
+        s["train_examples"].as_u64().unwrap() + s["heldout_examples"].as_u64().unwrap(),
+        512
+    );
+    assert_eq!(s["dimension"], 2);
+    assert_eq!(s["reward"], "quadratic");
+    assert_eq!(s["loss"], "penalised");
+    assert_eq!(s["pairs"], "fixed");
+    assert_eq!(
+        s["score_levels"],
+        Value::Null,
+        "only with the unbiased loss"
+    );
+    assert_eq!(s["steps"], 200);
+    assert_eq!(s["batch"], 64);
+    assert_eq!(s["model"], "doob.json");
+    assert!(s["parameters"].as_u64().unwrap() > 0);
+    // r = −¼|x − c|² ≤ 0, and some base sample lies near c.
+    let r_max = s["reward_max"].as_f64().unwrap();
+    assert!((-0.5..=0.0).contains(&r_max), "reward_max {r_max}");
+    assert!(s["training_seconds"].as_f64().unwrap() > 0.0);
+    assert!(s["examples_per_second"].as_f64().unwrap() > 0.0);
+    let (train, heldout) = (
+        s["final_train_loss"].as_f64().unwrap(),
+        s["final_heldout_loss"].as_f64().unwrap(),
+    );
+    // Y = e^{r − max r} ∈ (0, 1]: a mean squared error above 1 would be no fit at all.
+    assert!(train > 0.0 && train < 0.5 && heldout > 0.0 && heldout < 0.5);
+    assert!(s["lambda_gp"].as_f64().unwrap() >= 0.0);
+}
+
+#[test]
+fn doob_train_from_a_data_file_with_the_unbiased_loss() {
+    let case = train_case();
+    let config = TRAIN_DOOB
+        .replace("samples = 512", "data = \"x.npy\"")
+        .replace(
+            "loss = \"penalised\"",
+            "loss = \"unbiased\"\nlambda_gp = 0.3\nscore_levels = 4",
+        )
+        .replace("steps = 200", "steps = 20")
+        .replace("eval_every = 50", "eval_every = 10");
+    case.write("t.toml", &config);
+    assert_success(&case.train("t.toml", &[]));
+    let s = read_summary(&case.out());
+    assert_eq!(s["base_samples"], "data");
+    assert_eq!(s["examples"], 40);
+    assert_eq!(s["loss"], "unbiased");
+    assert_eq!(s["score_levels"], 4);
+    assert!(s["data"].as_str().unwrap().ends_with("x.npy"));
+    fs::remove_dir_all(case.out()).unwrap();
+    // Without the base model there is no score for the unbiased loss.
+    case.write(
+        "t.toml",
+        &config.replace("model = { kind = \"gmm\", file = \"mix.json\" }\n", ""),
+    );
+    case.assert_fails(
+        &case.train("t.toml", &[]),
+        &["training.loss", "unbiased", "`model"],
+    );
+}
+
+#[test]
+fn doob_train_rejects_bad_configs() {
+    let case = train_case();
+    case.write("t.toml", TRAIN_DOOB);
+    let fails = |sets: &[&str], needles: &[&str]| {
+        let extra: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
+        case.assert_fails(&case.train("t.toml", &extra), needles);
+    };
+    fails(
+        &["training.loss=huber"],
+        &["training.loss", "huber", "penalised or unbiased"],
+    );
+    fails(&["training.pairs=some"], &["training.pairs", "some"]);
+    fails(&["training.lambda_gp=-1"], &["training.lambda_gp"]);
+    fails(
+        &["training.score_levels=4"],
+        &["training.score_levels", "unbiased"],
+    );
+    fails(&["training.epochs=3"], &["training.epochs", "doob"]);
+    fails(
+        &["architecture.kind=unet"],
+        &["architecture.kind", "unet", "mlp"],
+    );
+    fails(&["data=x.npy"], &["`data`", "`samples`"]);
+    fails(&["samples=1"], &["`samples`", "at least 2"]);
+    fails(&["sampler_steps=10"], &["sampler_steps", "network"]);
+    fails(
+        &["reward.schedule=power"],
+        &["reward.schedule", "sampling setting"],
+    );
+    fails(
+        &["reward.centre=[1.0, 0.0, 0.0]"],
+        &["dimension mismatch", "reward.centre"],
+    );
+    fails(&["schedule.eta=0.5"], &["schedule.eta"]);
+    fails(&["model.file=absent.json"], &["model.file", "absent.json"]);
+    case.write("t.toml", &TRAIN_DOOB.replace("samples = 512\n", ""));
+    case.assert_fails(&case.train("t.toml", &[]), &["`data`", "`samples`"]);
+    case.write(
+        "t.toml",
+        &TRAIN_DOOB.replace("model = { kind = \"gmm\", file = \"mix.json\" }\n", ""),
+    );
+    case.assert_fails(&case.train("t.toml", &[]), &["`samples`", "`model`"]);
+    let no_reward = TRAIN_DOOB.replace(
+        "[reward]\nkind = \"quadratic\"\ncentre = [2.0, 0.0]\nstrength = 0.5\n",
+        "",
+    );
+    case.write("t.toml", &no_reward);
+    case.assert_fails(&case.train("t.toml", &[]), &["[reward]", "required"]);
+    // Doob fields for the other kinds.
+    case.write(
+        "t.toml",
+        &TRAIN_TINY.replace("[training]\n", "[training]\nlambda_gp = 0.1\n"),
+    );
+    case.assert_fails(&case.train("t.toml", &[]), &["training.lambda_gp", "score"]);
+    case.write("t.toml", &format!("samples = 10\n{TRAIN_TINY}"));
+    case.assert_fails(&case.train("t.toml", &[]), &["`samples`", "doob"]);
+}
+
+#[test]
+fn doob_with_the_exact_h_reaches_the_tilted_target() {
+    let case = Case::new();
+    let base = sample_summary(&case, &["method=base"]);
+    let doob = sample_summary(&case, &["method=doob"]);
+    // The tilt moves the mass to the right-hand mode (reference weight 0.98, base 0.6).
+    assert!(metric(&base, "mean_error") > 1.0, "{base}");
+    assert!(metric(&base, "mode_weight_tv") > 0.3, "{base}");
+    assert!(metric(&doob, "mean_error") < 0.3, "{doob}");
+    assert!(metric(&doob, "mode_weight_tv") < 0.05, "{doob}");
+    // One h-function call per particle and step, no reward call, unweighted output.
+    assert_eq!(doob["evaluations"]["h_function"], 400 * 40);
+    assert_eq!(doob["evaluations"]["reward_value"], 0);
+    assert_eq!(base["evaluations"]["h_function"], 0);
+    assert_eq!(doob["output"], "sampling: unweighted particles");
+    // URGE with the exact Doob proposal and twist: nearly constant weights.
+    let urge = sample_summary(&case, &["method=urge", "urge.proposal=doob"]);
+    assert!(urge["final_ess_fraction"].as_f64().unwrap() > 0.7, "{urge}");
+    assert!(metric(&urge, "mode_weight_tv") < 0.05, "{urge}");
+    assert!(urge["evaluations"]["h_function"].as_u64().unwrap() >= 400 * 40);
+    let log_z = urge["log_normalizer"].as_f64().unwrap();
+    let exact = urge["log_normalizer_exact"].as_f64().unwrap();
+    assert!(
+        (log_z - exact).abs() < 0.1,
+        "log Ẑ {log_z} vs log Z {exact}"
+    );
+    // VCG-SMC on the Doob path: with the exact h its potential is O(Δt), so the weights stay
+    // nearly flat where VCG-SMC on the reward path moves them; one h call at t_k and one at
+    // t_{k+1} per particle and step, and the reward once at the end.
+    let path = sample_summary(&case, &["method=vcg-smc", "driftlite.proposal=doob"]);
+    let reward_path = sample_summary(&case, &["method=vcg-smc"]);
+    assert!(metric(&path, "mode_weight_tv") < 0.05, "{path}");
+    assert_eq!(path["evaluations"]["h_function"], 2 * 400 * 40);
+    assert_eq!(path["evaluations"]["reward_value"], 400);
+    assert_eq!(path["evaluations"]["reward_gradient"], 0);
+    let ess = |s: &Value| s["final_ess_fraction"].as_f64().unwrap();
+    assert!(ess(&path) > 0.95, "{path}");
+    assert!(ess(&path) > ess(&reward_path), "{path} vs {reward_path}");
+    let log_z = path["log_normalizer"].as_f64().unwrap();
+    assert!(
+        (log_z - exact).abs() < 0.1,
+        "log Ẑ {log_z} vs log Z {exact}"
+    );
+}
+
+#[test]
+fn doob_with_a_learned_h() {
+    let h = trained_doob();
+    let case = Case::new();
+    // No schedule.tau_min: it defaults to the h-network's.
+    case.edit_config(|c| c + &format!("\n[doob]\nh = '{}'\n", h.display()));
+    let learned = sample_summary(&case, &["method=doob"]);
+    assert_eq!(learned["evaluations"]["h_function"], 400 * 40);
+    let weights = |s: &Value| s["metrics"]["mode_weights"][1].as_f64().unwrap();
+    // The base puts 0.6 on the right-hand mode, the target 0.98: the tiny network gets most
+    // of the way (its error is the regression's; URGE below removes it).
+    assert!(weights(&learned) > 0.75, "{learned}");
+    let exact = sample_summary(&case, &["method=doob", "doob.h=exact"]);
+    assert!(weights(&exact) > weights(&learned) - 0.05);
+    let urge = sample_summary(&case, &["method=urge", "urge.proposal=doob"]);
+    assert!(urge["final_ess_fraction"].as_f64().unwrap() > 0.3, "{urge}");
+    assert!(weights(&urge) > 0.9, "{urge}");
+    // The Doob twist with another proposal; clip settings are accepted.
+    let twist = sample_summary(
+        &case,
+        &[
+            "method=urge",
+            "urge.twist=doob",
+            "doob.h_min=0.01",
+            "doob.g_max=20",
+        ],
+    );
+    assert!(twist["evaluations"]["h_function"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn doob_section_errors() {
+    let h = trained_doob();
+    let case = Case::new();
+    // [doob] for a method that does not use it.
+    case.edit_config(|c| c + "\n[doob]\nh = \"exact\"\n");
+    case.assert_fails(&case.sample(&["--set", "method=pg"]), &["[doob]", "method"]);
+    case.assert_fails(
+        &case.sample(&["--set", "method=urge", "--set", "urge.proposal=guided"]),
+        &["[doob]"],
+    );
+    // The DriftLite Doob proposal: unknown proposal, refinement, a norm clip, and
+    // driftlite.proposal inside URGE's controlled proposal.
+    case.assert_fails(
+        &case.sample(&["--set", "method=vcg", "--set", "driftlite.proposal=tweedie"]),
+        &["driftlite.proposal", "tweedie"],
+    );
+    case.assert_fails(
+        &case.sample(&[
+            "--set",
+            "method=vcg",
+            "--set",
+            "driftlite.proposal=doob",
+            "--set",
+            "driftlite.passes=2",
+        ]),
+        &["driftlite.passes"],
+    );
+    case.assert_fails(
+        &case.sample(&[
+            "--set",
+            "method=vcg-smc",
+            "--set",
+            "driftlite.proposal=doob",
+            "--set",
+            "doob.g_max=5",
+        ]),
+        &["doob.g_max"],
+    );
+    case.assert_fails(
+        &case.sample(&[
+            "--set",
+            "method=urge",
+            "--set",
+            "urge.proposal=vcg",
+            "--set",
+            "driftlite.proposal=doob",
+        ]),
+        &["driftlite.proposal"],
+    );
+    // Unknown field, bad clip.
+    case.assert_fails(
+        &case.sample(&["--set", "method=doob", "--set", "doob.hmin=0.1"]),
+        &["hmin"],
+    );
+    case.assert_fails(
+        &case.sample(&["--set", "method=doob", "--set", "doob.h_min=-1"]),
+        &["doob.h_min"],
+    );
+    case.assert_fails(
+        &case.sample(&["--set", "method=doob", "--set", "doob.g_max=0"]),
+        &["doob.g_max"],
+    );
+    // A missing h file.
+    case.assert_fails(
+        &case.sample(&["--set", "method=doob", "--set", "doob.h=nowhere.json"]),
+        &["doob.h", "nowhere.json"],
+    );
+    // The learned h of another schedule.
+    let learned = format!("doob.h='{}'", h.display());
+    case.assert_fails(
+        &case.sample(&[
+            "--set",
+            "method=doob",
+            "--set",
+            &learned,
+            "--set",
+            "schedule.beta_max=10",
+        ]),
+        &["doob.h", "doob.json", "schedule"],
+    );
+    // No closed form for the exact h: an annealed expert, or a network expert.
+    case.assert_fails(
+        &case.sample(&[
+            "--set",
+            "method=doob",
+            "--set",
+            "experts=[{model = {kind = \"gmm\", file = \"mix.json\"}, gamma = 2.0}]",
+        ]),
+        &["doob.h", "exact", "experts[0].gamma"],
+    );
+    // An h-network of another dimension.
+    case.write(
+        "mix3.json",
+        r#"{"weights": [1.0], "means": [[0, 0, 0]], "isotropic": [1.0]}"#,
+    );
+    case.edit_config(|c| {
+        c.replace("mix.json", "mix3.json")
+            .replace("centre = [2.0, 0.0]", "centre = [2.0, 0.0, 0.0]")
+            + &format!("\n[doob]\nh = '{}'\n", h.display())
+    });
+    case.assert_fails(
+        &case.sample(&["--set", "method=doob"]),
+        &["dimension mismatch", "doob.h", "doob.json"],
+    );
+}
+
+#[test]
+fn bench_runs_doob_beside_other_methods() {
+    let case = Case::new();
+    case.edit_config(|c| c + "\n[doob]\nh = \"exact\"\n");
+    let out = case.bench(&[
+        "--methods",
+        "pg,doob,urge:urge.proposal=doob",
+        "--particles",
+        "50",
+        "--seeds",
+        "1",
+    ]);
+    assert_success(&out);
+    let results = fs::read_to_string(case.out().join("results.jsonl")).unwrap();
+    let runs: Vec<Value> = results
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(runs.len(), 3);
+    let h_calls: Vec<u64> = runs
+        .iter()
+        .map(|r| r["evaluations"]["h_function"].as_u64().unwrap())
+        .collect();
+    assert_eq!(h_calls[0], 0, "pg drops [doob]");
+    assert_eq!(h_calls[1], 50 * 20);
+    assert!(h_calls[2] > 0);
+}
