@@ -291,14 +291,8 @@ fn score(file: &TrainFile, config_path: &Path, out: &Path, start: Instant) -> Re
 
     let staging = io::Staging::new(out)?;
     let bar = report::progress_in(cfg.steps as u64, "training", "steps");
-    let network = nn::train(x.view(), &cfg, |p| {
-        bar.set_position(p.step as u64);
-        bar.set_message(match p.loss.heldout {
-            Some(h) => format!("loss {:.4} (held-out {h:.4})", p.loss.train),
-            None => format!("loss {:.4}", p.loss.train),
-        });
-    })
-    .with_context(|| format!("training on {}", data_path.display()))?;
+    let network = nn::train(x.view(), &cfg, |p| show_loss(&bar, p))
+        .with_context(|| format!("training on {}", data_path.display()))?;
     bar.finish_and_clear();
 
     network.save(&staging.path("model.json"))?;
@@ -308,46 +302,11 @@ fn score(file: &TrainFile, config_path: &Path, out: &Path, start: Instant) -> Re
         .as_ref()
         .ok_or_else(|| anyhow!("the trained network carries no training summary"))?;
     let history = &training.history;
-    write_csv(
-        &staging.path("loss.csv"),
-        "step,train,heldout",
-        history.iter().map(|p| {
-            format!(
-                "{},{},{}",
-                p.step,
-                p.train,
-                p.heldout.map(|h| h.to_string()).unwrap_or_default()
-            )
-        }),
-    )?;
-    let steps: Vec<f64> = history.iter().map(|p| p.step as f64).collect();
-    let mut series = vec![(
-        "train".to_string(),
-        steps.clone(),
-        history.iter().map(|p| p.train).collect(),
-    )];
-    if history.iter().any(|p| p.heldout.is_some()) {
-        series.push((
-            "held-out (EMA weights)".to_string(),
-            steps,
-            history
-                .iter()
-                .map(|p| p.heldout.unwrap_or(f64::NAN))
-                .collect(),
-        ));
-    }
     let title = format!(
         "denoising score matching — {} examples, d = {d}",
         training.train_examples
     );
-    plot::lines_plot(
-        &staging.path("loss.png"),
-        "step",
-        "loss (mean squared noise error)",
-        &series,
-        true,
-        &title,
-    )?;
+    write_loss_curve(&staging, history, "loss (mean squared noise error)", &title)?;
     let last = history.last();
     let summary = json!({
         "kind": "score",
@@ -910,11 +869,7 @@ fn doob(file: &TrainFile, config_path: &Path, out: &Path, start: Instant) -> Res
 
     let bar = report::progress_in(cfg.steps as u64, "training", "steps");
     let network = doob_net::train(x.view(), reward.as_ref(), model, &cfg, |p| {
-        bar.set_position(p.step as u64);
-        bar.set_message(match p.loss.heldout {
-            Some(h) => format!("loss {:.4} (held-out {h:.4})", p.loss.train),
-            None => format!("loss {:.4}", p.loss.train),
-        });
+        show_loss(&bar, p)
     })
     .with_context(|| match &source {
         BaseSamples::Data(p) => format!("training on {}", p.display()),
@@ -929,34 +884,6 @@ fn doob(file: &TrainFile, config_path: &Path, out: &Path, start: Instant) -> Res
         .as_ref()
         .ok_or_else(|| anyhow!("the trained h-function carries no training summary"))?;
     let history = &training.history;
-    write_csv(
-        &staging.path("loss.csv"),
-        "step,train,heldout",
-        history.iter().map(|p| {
-            format!(
-                "{},{},{}",
-                p.step,
-                p.train,
-                p.heldout.map(|h| h.to_string()).unwrap_or_default()
-            )
-        }),
-    )?;
-    let steps: Vec<f64> = history.iter().map(|p| p.step as f64).collect();
-    let mut series = vec![(
-        "train".to_string(),
-        steps.clone(),
-        history.iter().map(|p| p.train).collect(),
-    )];
-    if history.iter().any(|p| p.heldout.is_some()) {
-        series.push((
-            "held-out (EMA weights)".to_string(),
-            steps,
-            history
-                .iter()
-                .map(|p| p.heldout.unwrap_or(f64::NAN))
-                .collect(),
-        ));
-    }
     let loss_name = match cfg.loss {
         DoobLoss::Penalised => "penalised",
         DoobLoss::Unbiased => "unbiased",
@@ -965,12 +892,10 @@ fn doob(file: &TrainFile, config_path: &Path, out: &Path, start: Instant) -> Res
         "Doob's matching ({loss_name}, λ_gp = {}) — {} examples, d = {d}",
         cfg.lambda_gp, training.train_examples
     );
-    plot::lines_plot(
-        &staging.path("loss.png"),
-        "step",
+    write_loss_curve(
+        &staging,
+        history,
         "loss ((ĥ − Y)² + λ_gp · gradient term)",
-        &series,
-        true,
         &title,
     )?;
     let (base, sampler_steps) = match &source {
@@ -1118,6 +1043,61 @@ fn doob_architecture(
 
 // ---------------------------------------------------------------------------------------
 // Output.
+
+/// Shows a training progress report on `bar`.
+fn show_loss(bar: &indicatif::ProgressBar, p: &nn::TrainProgress) {
+    bar.set_position(p.step as u64);
+    bar.set_message(match p.loss.heldout {
+        Some(h) => format!("loss {:.4} (held-out {h:.4})", p.loss.train),
+        None => format!("loss {:.4}", p.loss.train),
+    });
+}
+
+/// Writes the loss curve of a network training as `loss.csv` and `loss.png` (training loss,
+/// and the held-out loss of the EMA weights when there is one).
+fn write_loss_curve(
+    staging: &io::Staging,
+    history: &[nn::LossPoint],
+    y_label: &str,
+    title: &str,
+) -> Result<()> {
+    write_csv(
+        &staging.path("loss.csv"),
+        "step,train,heldout",
+        history.iter().map(|p| {
+            format!(
+                "{},{},{}",
+                p.step,
+                p.train,
+                p.heldout.map(|h| h.to_string()).unwrap_or_default()
+            )
+        }),
+    )?;
+    let steps: Vec<f64> = history.iter().map(|p| p.step as f64).collect();
+    let mut series = vec![(
+        "train".to_string(),
+        steps.clone(),
+        history.iter().map(|p| p.train).collect(),
+    )];
+    if history.iter().any(|p| p.heldout.is_some()) {
+        series.push((
+            "held-out (EMA weights)".to_string(),
+            steps,
+            history
+                .iter()
+                .map(|p| p.heldout.unwrap_or(f64::NAN))
+                .collect(),
+        ));
+    }
+    plot::lines_plot(
+        &staging.path("loss.png"),
+        "step",
+        y_label,
+        &series,
+        true,
+        title,
+    )
+}
 
 fn write_csv(path: &Path, header: &str, rows: impl Iterator<Item = String>) -> Result<()> {
     let mut text = String::from(header);

@@ -345,6 +345,22 @@ impl Target {
         r.evaluate(x, out)
     }
 
+    /// Checks an h-function's dimension `dim` against the target's and counts `rows`
+    /// evaluations.
+    fn count_h_function(&self, dim: usize, rows: usize) -> Result<()> {
+        if dim != self.dim {
+            return Err(Error::Dimension {
+                context: "h-function (must match the experts)".into(),
+                expected: self.dim,
+                found: dim,
+            });
+        }
+        self.evaluations
+            .h_function
+            .fetch_add(rows as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// An h-function's `log h` and `∇log h` at `level` (MATH.md §7), counted; a non-finite
     /// value is [`Error::NonFinite`] at `step`.
     pub fn h_function_eval(
@@ -355,16 +371,7 @@ impl Target {
         out: HOutput<'_>,
         step: usize,
     ) -> Result<()> {
-        if h.dim() != self.dim {
-            return Err(Error::Dimension {
-                context: "h-function (must match the experts)".into(),
-                expected: self.dim,
-                found: h.dim(),
-            });
-        }
-        self.evaluations
-            .h_function
-            .fetch_add(x.nrows() as u64, Ordering::Relaxed);
+        self.count_h_function(h.dim(), x.nrows())?;
         let HOutput {
             mut log_h,
             mut grad_log_h,
@@ -397,16 +404,7 @@ impl Target {
         mut laplacian: ArrayViewMut1<f64>,
         step: usize,
     ) -> Result<()> {
-        if h.dim() != self.dim {
-            return Err(Error::Dimension {
-                context: "h-function (must match the experts)".into(),
-                expected: self.dim,
-                found: h.dim(),
-            });
-        }
-        self.evaluations
-            .h_function
-            .fetch_add(x.nrows() as u64, Ordering::Relaxed);
+        self.count_h_function(h.dim(), x.nrows())?;
         let HOutput {
             mut log_h,
             mut grad_log_h,
@@ -438,16 +436,7 @@ impl Target {
         mut log_h: ArrayViewMut1<f64>,
         step: usize,
     ) -> Result<()> {
-        if h.dim() != self.dim {
-            return Err(Error::Dimension {
-                context: "h-function (must match the experts)".into(),
-                expected: self.dim,
-                found: h.dim(),
-            });
-        }
-        self.evaluations
-            .h_function
-            .fetch_add(x.nrows() as u64, Ordering::Relaxed);
+        self.count_h_function(h.dim(), x.nrows())?;
         h.evaluate_log_h(level, x, log_h.view_mut())?;
         crate::smc::check_finite(&log_h, step, "log h")
     }

@@ -127,39 +127,15 @@ pub struct DoobSpec {
 
 impl DoobSpec {
     fn validate(&self) -> Result<()> {
-        if self.format != FORMAT || self.version != 1 {
-            return Err(Error::invalid(
-                "format",
-                format!(
-                    "expected `{FORMAT}` version 1, found `{}` version {}",
-                    self.format, self.version
-                ),
-            ));
-        }
-        if self.dim == 0 {
-            return Err(Error::invalid("dim", "must be positive"));
-        }
+        fit::validate_description(
+            (&self.format, self.version),
+            FORMAT,
+            self.dim,
+            &self.data_mean,
+            self.data_scale,
+            self.ratio_range,
+        )?;
         validate_architecture(&self.architecture, self.dim)?;
-        if self.data_mean.len() != self.dim {
-            return Err(Error::Dimension {
-                context: "data_mean".into(),
-                expected: self.dim,
-                found: self.data_mean.len(),
-            });
-        }
-        if !self.data_mean.iter().all(|v| v.is_finite()) {
-            return Err(Error::invalid("data_mean", "must be finite"));
-        }
-        if !(self.data_scale.is_finite() && self.data_scale > 0.0) {
-            return Err(Error::invalid("data_scale", "must be finite and positive"));
-        }
-        let [lo, hi] = self.ratio_range;
-        if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && hi > lo) {
-            return Err(Error::invalid(
-                "ratio_range",
-                format!("must satisfy 0 < λ_min < λ_max, got [{lo}, {hi}]"),
-            ));
-        }
         if !(self.lambda_gp.is_finite() && self.lambda_gp >= 0.0) {
             return Err(Error::invalid(
                 "lambda_gp",

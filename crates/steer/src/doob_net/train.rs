@@ -150,14 +150,17 @@ impl DoobTrainConfig {
 
     fn validate(&self, n: usize, dim: usize) -> Result<()> {
         validate_architecture(&self.architecture, dim)?;
-        self.schedule.validate()?;
-        let horizon = self.schedule.horizon();
-        if !(self.tau_min > 0.0 && self.tau_min < horizon) {
-            return Err(Error::invalid(
-                "tau_min",
-                format!("must lie in (0, T = {horizon}), got {}", self.tau_min),
-            ));
-        }
+        fit::validate(&fit::Settings {
+            schedule: &self.schedule,
+            tau_min: self.tau_min,
+            steps: self.steps,
+            batch: self.batch,
+            eval_every: self.eval_every,
+            learning_rate: self.learning_rate,
+            ema_decay: self.ema_decay,
+            heldout_fraction: self.heldout_fraction,
+            examples: n,
+        })?;
         if !(self.lambda_gp.is_finite() && self.lambda_gp >= 0.0) {
             return Err(Error::invalid(
                 "lambda_gp",
@@ -165,9 +168,6 @@ impl DoobTrainConfig {
             ));
         }
         for (field, v) in [
-            ("steps", self.steps),
-            ("batch", self.batch),
-            ("eval_every", self.eval_every),
             ("score_levels", self.score_levels),
             ("threads", self.threads),
         ] {
@@ -179,24 +179,6 @@ impl DoobTrainConfig {
             return Err(Error::invalid(
                 "score_levels",
                 format!("must not exceed batch = {}", self.batch),
-            ));
-        }
-        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            return Err(Error::invalid(
-                "learning_rate",
-                "must be finite and positive",
-            ));
-        }
-        if !(0.0..1.0).contains(&self.ema_decay) {
-            return Err(Error::invalid("ema_decay", "must lie in [0, 1)"));
-        }
-        if !(0.0..0.5).contains(&self.heldout_fraction) {
-            return Err(Error::invalid("heldout_fraction", "must lie in [0, 0.5)"));
-        }
-        if n < 2 {
-            return Err(Error::invalid(
-                "data",
-                format!("needs at least 2 examples, got {n}"),
             ));
         }
         Ok(())

@@ -15,6 +15,107 @@ use serde::de::DeserializeOwned;
 use super::{LossPoint, TrainProgress};
 use crate::error::{Error, Result};
 use crate::rng::{Purpose, Streams};
+use crate::schedule::Schedule;
+
+/// The settings every training run shares, borrowed from its configuration for [`validate`].
+pub(crate) struct Settings<'a> {
+    pub schedule: &'a Schedule,
+    pub tau_min: f64,
+    pub steps: usize,
+    pub batch: usize,
+    pub eval_every: usize,
+    pub learning_rate: f64,
+    pub ema_decay: f64,
+    pub heldout_fraction: f64,
+    /// Number of training examples.
+    pub examples: usize,
+}
+
+/// Checks the shared settings; errors name the field.
+pub(crate) fn validate(s: &Settings<'_>) -> Result<()> {
+    s.schedule.validate()?;
+    let horizon = s.schedule.horizon();
+    if !(s.tau_min > 0.0 && s.tau_min < horizon) {
+        return Err(Error::invalid(
+            "tau_min",
+            format!("must lie in (0, T = {horizon}), got {}", s.tau_min),
+        ));
+    }
+    for (field, v) in [
+        ("steps", s.steps),
+        ("batch", s.batch),
+        ("eval_every", s.eval_every),
+    ] {
+        if v == 0 {
+            return Err(Error::invalid(field, "must be positive"));
+        }
+    }
+    if !(s.learning_rate.is_finite() && s.learning_rate > 0.0) {
+        return Err(Error::invalid(
+            "learning_rate",
+            "must be finite and positive",
+        ));
+    }
+    if !(0.0..1.0).contains(&s.ema_decay) {
+        return Err(Error::invalid("ema_decay", "must lie in [0, 1)"));
+    }
+    if !(0.0..0.5).contains(&s.heldout_fraction) {
+        return Err(Error::invalid("heldout_fraction", "must lie in [0, 0.5)"));
+    }
+    if s.examples < 2 {
+        return Err(Error::invalid(
+            "data",
+            format!("needs at least 2 examples, got {}", s.examples),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the fields every network description shares: its `format` tag and version 1 (the
+/// expected tag `format`), a positive dimension, the standardisation `(data_mean,
+/// data_scale)` and the trained noise ratios `ratio_range`; errors name the field.
+pub(crate) fn validate_description(
+    found: (&str, u32),
+    format: &str,
+    dim: usize,
+    data_mean: &[f64],
+    data_scale: f64,
+    ratio_range: [f64; 2],
+) -> Result<()> {
+    if found != (format, 1) {
+        return Err(Error::invalid(
+            "format",
+            format!(
+                "expected `{format}` version 1, found `{}` version {}",
+                found.0, found.1
+            ),
+        ));
+    }
+    if dim == 0 {
+        return Err(Error::invalid("dim", "must be positive"));
+    }
+    if data_mean.len() != dim {
+        return Err(Error::Dimension {
+            context: "data_mean".into(),
+            expected: dim,
+            found: data_mean.len(),
+        });
+    }
+    if !data_mean.iter().all(|v| v.is_finite()) {
+        return Err(Error::invalid("data_mean", "must be finite"));
+    }
+    if !(data_scale.is_finite() && data_scale > 0.0) {
+        return Err(Error::invalid("data_scale", "must be finite and positive"));
+    }
+    let [lo, hi] = ratio_range;
+    if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && hi > lo) {
+        return Err(Error::invalid(
+            "ratio_range",
+            format!("must satisfy 0 < λ_min < λ_max, got [{lo}, {hi}]"),
+        ));
+    }
+    Ok(())
+}
 
 /// The initial value of one parameter tensor.
 pub(crate) enum Init {
