@@ -66,7 +66,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::model::nn::fit::{self, Fit, Init};
-use crate::model::nn::{Architecture, TrainProgress, TrainingSummary, device, standardisation};
+use crate::model::nn::{Architecture, TrainProgress, device, standardisation};
 use crate::model::{NoiseLevel, ScoreModel, ScoreOutput};
 use crate::reward::{Reward, RewardOutput};
 use crate::rng::{Purpose, Streams};
@@ -622,10 +622,8 @@ pub fn train(
         }
     }
 
-    let (params, history) = fit.finish();
-    let parameters = params.values().map(|t| t.elem_count()).sum();
+    let (params, training) = fit.finish(cfg.batch, cfg.seed, train_n, heldout_n, start);
     let at = |tau: f64| cfg.schedule.sigma(tau) / (cfg.schedule.alpha(tau) * scale);
-    let seconds = start.elapsed().as_secs_f64();
     let spec = DoobSpec {
         format: FORMAT.into(),
         version: 1,
@@ -641,19 +639,7 @@ pub fn train(
         pairs: cfg.pairs,
         reward_max,
         weights: String::new(),
-        training: Some(TrainingSummary {
-            steps: cfg.steps,
-            batch: cfg.batch,
-            learning_rate: cfg.learning_rate,
-            ema_decay: cfg.ema_decay,
-            seed: cfg.seed,
-            train_examples: train_n,
-            heldout_examples: heldout_n,
-            parameters,
-            seconds,
-            examples_per_second: (cfg.steps * cfg.batch) as f64 / seconds,
-            history,
-        }),
+        training: Some(training),
     };
     DoobNetwork::from_parts(spec, params)
 }

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
@@ -12,7 +13,7 @@ use rand::RngExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{LossPoint, TrainProgress};
+use super::{LossPoint, TrainProgress, TrainingSummary};
 use crate::error::{Error, Result};
 use crate::rng::{Purpose, Streams};
 use crate::schedule::Schedule;
@@ -278,9 +279,32 @@ impl Fit {
         self.count = 0;
     }
 
-    /// The EMA weights and the loss curve.
-    pub(crate) fn finish(self) -> (HashMap<String, Tensor>, Vec<LossPoint>) {
-        (self.ema_params(), self.history)
+    /// The EMA weights, and the training summary of a run with minibatches of `batch`, seed
+    /// `seed`, `train_examples` and `heldout_examples`, started at `start`.
+    pub(crate) fn finish(
+        self,
+        batch: usize,
+        seed: u64,
+        train_examples: usize,
+        heldout_examples: usize,
+        start: Instant,
+    ) -> (HashMap<String, Tensor>, TrainingSummary) {
+        let params = self.ema_params();
+        let seconds = start.elapsed().as_secs_f64();
+        let summary = TrainingSummary {
+            steps: self.steps,
+            batch,
+            learning_rate: self.learning_rate,
+            ema_decay: self.ema_decay,
+            seed,
+            train_examples,
+            heldout_examples,
+            parameters: params.values().map(|t| t.elem_count()).sum(),
+            seconds,
+            examples_per_second: (self.steps * batch) as f64 / seconds,
+            history: self.history,
+        };
+        (params, summary)
     }
 }
 

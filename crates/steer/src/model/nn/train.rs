@@ -272,10 +272,8 @@ pub fn train(
         }
     }
 
-    let (params, history) = fit.finish();
-    let parameters = params.values().map(|t| t.elem_count()).sum();
+    let (params, training) = fit.finish(cfg.batch, cfg.seed, train_n, heldout_n, start);
     let (lo, hi) = ratio_range(cfg, scale);
-    let seconds = start.elapsed().as_secs_f64();
     let spec = NetworkSpec {
         format: FORMAT.into(),
         version: 1,
@@ -287,19 +285,7 @@ pub fn train(
         tau_min: cfg.tau_min,
         ratio_range: [lo, hi],
         weights: String::new(),
-        training: Some(TrainingSummary {
-            steps: cfg.steps,
-            batch: cfg.batch,
-            learning_rate: cfg.learning_rate,
-            ema_decay: cfg.ema_decay,
-            seed: cfg.seed,
-            train_examples: train_n,
-            heldout_examples: heldout_n,
-            parameters,
-            seconds,
-            examples_per_second: (cfg.steps * cfg.batch) as f64 / seconds,
-            history,
-        }),
+        training: Some(training),
     };
     Network::from_parts(spec, params)
 }
